@@ -1,0 +1,1 @@
+"""Shared by the four subprojects: data, meters, checkpoints, run logging, distributed helpers, published numbers."""

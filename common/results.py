@@ -1,0 +1,91 @@
+"""Published numbers as data, and the commands that reproduce them.
+
+Each subproject declares its tables in `<paper>/published.py` as a list `TABLES` of `Table`s (and a list `SMOKE` of
+`Run`s for `reproduce.sh smoke`). This module collects them in README order.
+
+A row says where its number comes from, what statistic it is, which log.jsonl key holds the accuracy it is about, and
+which protocol (best or final epoch) turns a run's log into one number. `value=None` means the number could not be
+transcribed from the paper: the row is still reproducible, and the comparison reports it without a verdict.
+"""
+import importlib
+from dataclasses import dataclass, field
+
+PAPERS = ("dcm", "okddip", "ffsd", "mcl")  # README order of the tables
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str                      # e.g. "WRN-28-10 | WRN-28-10, DCM"
+    value: float | None            # published number (None: not transcribed)
+    key: str                       # log.jsonl key with the top-1 accuracy (percent) this row is about
+    workdir: str                   # subproject folder the command runs in ("dcm")
+    argv: tuple                    # script and its options, e.g. ("main.py", "--depth", "28", "--width", "10")
+    match: dict                    # args.json values that identify a run of this row (script included)
+    epochs: int                    # length of the published schedule (shorter runs get no verdict)
+    metric: str = "top1"           # what `value` is: "top1" accuracy or "error" (100 - top1), in percent
+    std: float | None = None       # published spread
+    n: int = 1                     # runs behind the published number
+    statistic: str = "single run"  # "single run", "mean ± std over n runs", "mean of n runs", ...
+    protocol: str = "best"         # "best" (max over epochs) or "final" (last epoch)
+    source: str = ""               # paper table, or authors' README
+    tolerance: float = 0.5         # verdict band, in points
+    scale_args: dict = field(default_factory=dict)  # {"smoke": (...), "short": (...)}: appended to argv
+    launcher: str = "python"       # "python" or "torchrun" (ImageNet rows)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Table:
+    id: str        # "table1" ... as numbered in the README
+    title: str
+    source: str
+    rows: tuple
+    seeds: tuple = (1,)  # default seeds for reproduce.sh
+
+
+@dataclass(frozen=True)
+class Run:
+    """A smoke run: one script invocation on synthetic data."""
+    name: str
+    workdir: str
+    argv: tuple
+    dataset: str = "cifar100"  # which synthetic folder --data-root points at: cifar10, cifar100, imagenet
+    launcher: str = "python"
+    nproc: int = 1
+
+
+def all_tables():
+    tables = []
+    for paper in PAPERS:
+        try:
+            module = importlib.import_module(f"{paper}.published")
+        except ModuleNotFoundError as e:
+            if e.name != f"{paper}.published":
+                raise
+            continue
+        tables.extend(module.TABLES)
+    ids = [t.id for t in tables]
+    if len(ids) != len(set(ids)):
+        raise RuntimeError(f"duplicate table ids: {ids}")
+    return sorted(tables, key=lambda t: int(t.id.removeprefix("table")))
+
+
+def all_smoke_runs():
+    runs = []
+    for paper in PAPERS:
+        try:
+            module = importlib.import_module(f"{paper}.published")
+        except ModuleNotFoundError as e:
+            if e.name != f"{paper}.published":
+                raise
+            continue
+        runs.extend(getattr(module, "SMOKE", ()))
+    return runs
+
+
+def find_table(table_id):
+    for t in all_tables():
+        if t.id == table_id:
+            return t
+    valid = ", ".join(t.id for t in all_tables())
+    raise KeyError(f"unknown table {table_id!r}; valid: {valid}")
