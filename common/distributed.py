@@ -6,6 +6,7 @@ init_distributed() reads RANK / WORLD_SIZE / LOCAL_RANK set by torchrun; without
 context, so the same script runs with plain `python`. NCCL on GPUs, gloo on the CPU.
 """
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,10 @@ def wrap_ddp(model, ctx, sync_bn=False, find_unused_parameters=False):
     """DDP-wrap MODEL (already on ctx.device) when distributed; optional SyncBatchNorm conversion."""
     if not ctx.distributed:
         return model
-    if sync_bn:
+    if sync_bn and ctx.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif sync_bn:
+        warnings.warn("SyncBatchNorm runs only on GPUs; on the CPU each process keeps its own BN statistics")
     ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
                                                      find_unused_parameters=find_unused_parameters)

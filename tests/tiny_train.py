@@ -41,7 +41,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loss-scale", type=float, default=1.0, help="multiply the loss (inf: provoke a NaN stop)")
+    parser.add_argument("--nan-from-epoch", type=int, default=0, help="make the loss NaN from this epoch on (tests)")
     add_common_args(parser)
     args = parser.parse_args()
     kill_at = int(os.environ.get("TINY_TRAIN_KILL_AT_STEP", "0"))
@@ -90,7 +90,9 @@ def main():
             if args.steps_per_epoch and step >= args.steps_per_epoch:
                 break
             logits = model(x)
-            loss = F.cross_entropy(logits, y) * args.loss_scale
+            loss = F.cross_entropy(logits, y)
+            if args.nan_from_epoch and epoch + 1 >= args.nan_from_epoch:
+                loss = loss * float("nan")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -1,0 +1,91 @@
+"""FFSD's loss terms as small pure functions. Maps are (B, C, H, W); every target is detached by the caller or here.
+
+Notation: A(F) = mean_c F^2 (the attention map), n(v) = v / max(||v||_2, 1e-12) per sample.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(feature_map):
+    # A(F) = mean over channels of F^2, shape (B, 1, H, W)
+    return feature_map.pow(2).mean(1, keepdim=True)
+
+
+def normalized_distance(x, y):
+    # Dist(x, y) = mean over B*N of (n(x) - n(y))^2, each sample flattened to N values
+    b = x.size(0)
+    return (F.normalize(x.reshape(b, -1), dim=1) - F.normalize(y.reshape(b, -1), dim=1)).pow(2).mean()
+
+
+def attention_distance(x, y):
+    # Dist(A(x), A(y)); y is the target
+    return normalized_distance(attention(x), attention(y).detach())
+
+
+def kd_kl(student_logits, teacher_logits, temperature):
+    # T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), batch mean, teacher detached
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits.detach() / t, dim=1),
+                    reduction="batchmean") * t * t
+
+
+def shifted_attention(reference_attention, normalize_target=False):
+    """The attention-shifting target t of a reference attention map a (detached).
+
+    With a_raw = a flattened, nu = ||a_raw|| (the raw norm), a_hat = n(a_raw) and tau its k-th smallest entry
+    (k = floor(N/3)): t = (nu/2 - a_hat) * sign(a_hat - tau) + nu/2, i.e. nu - a_hat above tau, a_hat below it.
+    Returns (t, a_hat, nu). normalize_target=True divides t by nu so it is on the unit scale of n(x) (not released).
+    """
+    b = reference_attention.size(0)
+    a_raw = reference_attention.detach().reshape(b, -1)
+    nu = a_raw.norm(dim=1, keepdim=True)
+    a_hat = F.normalize(a_raw, dim=1)
+    k = a_raw.size(1) // 3
+    tau = a_hat.topk(k, dim=1, largest=False).values[:, -1:]
+    t = (nu / 2 - a_hat) * torch.sign(a_hat - tau) + nu / 2
+    if normalize_target:
+        t = t / nu
+    return t, a_hat, nu
+
+
+def diversity_loss(feature_map, reference_map, normalize_target=False):
+    # mean over B*N of (n(A(F_i)) - t(A(F_{i-1})))^2: push student i's attention away from student i-1's
+    b = feature_map.size(0)
+    target, _, _ = shifted_attention(attention(reference_map.detach()), normalize_target)
+    return (F.normalize(attention(feature_map).reshape(b, -1), dim=1) - target).pow(2).mean()
+
+
+def diversity_target(reference_map):
+    # F + (t - a_hat) * nu / C, broadcast over the C channels: the predecessor's map with its attention shifted
+    f = reference_map.detach()
+    b, c, h, w = f.shape
+    t, a_hat, nu = shifted_attention(attention(f))
+    return f + ((t - a_hat) * nu / c).reshape(b, 1, h, w)
+
+
+def self_distillation_loss(decoder, feature_maps, decoder_input):
+    """sum_l Dist(A(F^l), A(R_l)) with R the decoder's outputs (eval-mode BN, no gradient to the decoder) on
+    DECODER_INPUT, reversed so the shallowest map comes first; F^l are the network's maps except the last."""
+    decoder.eval()
+    with torch.no_grad():
+        rebuilt = decoder(decoder_input.detach())[::-1]
+    return sum(normalized_distance(attention(f), attention(r)) for f, r in zip(feature_maps, rebuilt))
+
+
+def decoder_training_losses(decoder, feature_maps):
+    """The decoder's own losses (train-mode BN) on its network's maps: (feature, attention), where
+    feature = sum_l Dist(R_l, F^l) on raw maps and attention = sum_l Dist(A(R_l), A(F^l)), targets detached."""
+    decoder.train()
+    rebuilt = decoder(feature_maps[-1].detach())[::-1]
+    feature = sum(normalized_distance(r, f.detach()) for f, r in zip(feature_maps, rebuilt))
+    attn = sum(normalized_distance(attention(r), attention(f).detach()) for f, r in zip(feature_maps, rebuilt))
+    return feature, attn
+
+
+def lambda_warmup(value, epoch, warmup_epochs=5):
+    # lambda(e) = lambda * exp(-5 (1 - e/5)^2) for e <= 5, lambda afterwards
+    if epoch > warmup_epochs:
+        return value
+    return value * math.exp(-5 * (1 - epoch / warmup_epochs) ** 2)

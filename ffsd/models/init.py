@@ -1,0 +1,16 @@
+"""The weight initialisation shared by every FFSD backbone and by the fusion modules."""
+import math
+
+import torch.nn as nn
+
+
+def reset_parameters(module):
+    """Conv weights ~ N(0, sqrt(2 / (k_h * k_w * out_channels))), BN weight 1 / bias 0; Linear and conv biases keep
+    PyTorch's default init. Applied after construction, so the default init has already drawn from the RNG."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            m.weight.data.normal_(0, math.sqrt(2.0 / n))
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()

@@ -1,0 +1,181 @@
+"""The FFSD training step and evaluation, shared by cifar.py and imagenet.py (and the parity checker).
+
+Networks (M common students, the leader, the fusion module, one decoder per follower student and one for the
+leader) are separate modules with separate optimizers; every cross-network signal is detached, so nothing flows
+back into the common students from the fusion module or the leader.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ffsd.losses import attention_distance, decoder_training_losses, diversity_loss, diversity_target, kd_kl, \
+    lambda_warmup, self_distillation_loss
+from ffsd.models import create_decoder, create_fusion_module, create_model
+
+
+def unwrap(module):
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+class FFSDNetworks(nn.Module):
+    """students[i]; leader; fusion_module; sd_students[i - 1] (decoder of follower i >= 1); sd_leader."""
+
+    def __init__(self, students, leader, fusion_module, sd_students, sd_leader):
+        super().__init__()
+        self.students = nn.ModuleList(students)
+        self.leader = leader
+        self.fusion_module = fusion_module
+        self.sd_students = nn.ModuleList(sd_students)
+        self.sd_leader = sd_leader
+
+    @property
+    def model_num(self):
+        return len(self.students)
+
+    def named_networks(self):
+        """The six (for M = 2) networks under the names the fixtures and checkpoints use, in construction order."""
+        named = {f"student{i}": s for i, s in enumerate(self.students)}
+        named.update({f"sd_student{i + 1}": d for i, d in enumerate(self.sd_students)})
+        named.update({"sd_leader": self.sd_leader, "fusion_module": self.fusion_module, "leader": self.leader})
+        return named
+
+
+def build_networks(model, dataset="cifar100", model_num=2, probe_size=32):
+    """All networks, in the released construction order (it fixes the RNG stream under a seed): the students, the
+    noise probe through student 0 (train mode: it moves student 0's BN running statistics and draws from the RNG),
+    the follower decoders, the leader's decoder, the fusion module, the leader."""
+    if model_num < 2:
+        raise ValueError(f"--model_num must be at least 2 (the students distil from each other); got {model_num}")
+    students = [create_model(model, dataset, leader=False, model_num=model_num) for _ in range(model_num)]
+    students[0].train()
+    with torch.no_grad():
+        _, maps = students[0](torch.randn(1, 3, probe_size, probe_size))
+    sd_students = [create_decoder(model, students[i], len(maps)) for i in range(1, model_num)]
+    sd_leader = create_decoder(model, students[0], len(maps))
+    fusion_module = create_fusion_module(students[0], dataset, model_num)
+    leader = create_model(model, dataset, leader=True, model_num=model_num)
+    return FFSDNetworks(students, leader, fusion_module, sd_students, sd_leader)
+
+
+def build_optimizers(nets, lr=0.1, momentum=0.9, weight_decay=1e-4, fusion_weight_decay=1e-5):
+    """Nesterov SGD for students, leader (wd 1e-4) and fusion module (wd 1e-5, hard-coded as released); Adam with
+    its default lr 1e-3 and coupled L2 weight decay for the decoders. No parameter groups: BN and biases decay."""
+    def sgd(module, wd):
+        return torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=wd, nesterov=True)
+
+    def adam(module):
+        return torch.optim.Adam(module.parameters(), lr=1e-3, weight_decay=weight_decay)
+
+    optimizers = {f"student{i}": sgd(s, weight_decay) for i, s in enumerate(nets.students)}
+    optimizers.update({f"sd_student{i + 1}": adam(d) for i, d in enumerate(nets.sd_students)})
+    optimizers.update({"sd_leader": adam(nets.sd_leader), "fusion_module": sgd(nets.fusion_module, fusion_weight_decay),
+                       "leader": sgd(nets.leader, weight_decay)})
+    return optimizers
+
+
+def warmed_up_lambdas(opt_lambdas, epoch):
+    """The three lambdas after the exponential warm-up over epochs 1-5."""
+    return {name: lambda_warmup(value, epoch) for name, value in opt_lambdas.items()}
+
+
+def _step(optimizer, loss):
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def train_step(nets, optimizers, inputs, labels, lambdas, temperature=2, follower_sd_weight="diversity",
+               normalized_diversity_target=False, forward=None):
+    """One FFSD iteration in the released order. LAMBDAS: warmed-up {'diversity', 'fusion', 'self_distillation'}.
+
+    follower_sd_weight: which lambda weighs the follower students' self-distillation term ('diversity' as
+    released, or 'self_distillation'). FORWARD: the (possibly DDP-wrapped) networks to call, defaulting to NETS;
+    decoders producing targets are always called unwrapped, without gradient, since nothing flows into them.
+    Returns (terms, outputs): detached loss terms by name and the forward outputs."""
+    forward = forward or nets
+    m = nets.model_num
+    ce = F.cross_entropy
+    t = temperature
+    lam_div, lam_fusion, lam_sd = lambdas["diversity"], lambdas["fusion"], lambdas["self_distillation"]
+    lam_follower_sd = lambdas[follower_sd_weight]
+
+    # Forwards, all at the pre-update weights: the leader, the students, the fusion module on their detached maps.
+    leader_logits, leader_maps, trans_fusion = forward.leader(inputs)
+    student_logits, student_maps = [], []
+    for student in forward.students:
+        logits, maps = student(inputs)
+        student_logits.append(logits)
+        student_maps.append(maps)
+    fusion_input = torch.cat([maps[-1].detach() for maps in student_maps], 1)
+    fusion_logits, fused = forward.fusion_module(fusion_input)
+    mean_logits = torch.stack(student_logits).mean(0)
+
+    terms = {}
+    for i in range(m):  # common students: CE + DML (+ diversity and self-distillation for followers)
+        z = student_logits[i]
+        loss_ce = ce(z, labels)
+        dml = sum(kd_kl(z, student_logits[j], t) for j in range(m) if j != i) / (m - 1)
+        loss = loss_ce + dml
+        terms.update({f"student{i}/ce": loss_ce, f"student{i}/dml": dml})
+        if i >= 1:
+            previous_last = student_maps[i - 1][-1].detach()
+            div_raw = diversity_loss(student_maps[i][-1], previous_last, normalized_diversity_target)
+            with torch.no_grad():
+                shifted = diversity_target(previous_last)
+            sd_raw = self_distillation_loss(unwrap(nets.sd_students[i - 1]), student_maps[i][:-1], shifted)
+            loss = loss + lam_div * div_raw + lam_follower_sd * sd_raw
+            terms.update({f"student{i}/diversity_raw": div_raw, f"student{i}/diversity": lam_div * div_raw,
+                          f"student{i}/self_distillation_raw": sd_raw,
+                          f"student{i}/self_distillation": lam_follower_sd * sd_raw})
+        terms[f"student{i}/total"] = loss
+        _step(optimizers[f"student{i}"], loss)
+
+    # Fusion module: CE + KL to the students' mean logits.
+    fusion_ce, fusion_kl = ce(fusion_logits, labels), kd_kl(fusion_logits, mean_logits, t)
+    fusion_loss = fusion_ce + fusion_kl
+    terms.update({"fusion/ce": fusion_ce, "fusion/kl": fusion_kl, "fusion/total": fusion_loss})
+    _step(optimizers["fusion_module"], fusion_loss)
+
+    # Leader: CE + KL to the fusion logits + lambda_fusion * (attention to the fused map, TransFusion attention to
+    # the concatenated student maps, self-distillation from the fused map), all targets detached.
+    fused = fused.detach()
+    leader_ce, leader_kl = ce(leader_logits, labels), kd_kl(leader_logits, fusion_logits, t)
+    fusion_raw = attention_distance(leader_maps[-1], fused)
+    trans_raw = attention_distance(trans_fusion, fusion_input)
+    leader_sd_raw = self_distillation_loss(unwrap(nets.sd_leader), leader_maps[:-1], fused)
+    leader_loss = leader_ce + leader_kl + lam_fusion * (fusion_raw + trans_raw + leader_sd_raw)
+    terms.update({"leader/ce": leader_ce, "leader/kl": leader_kl, "leader/fusion_raw": fusion_raw,
+                  "leader/fusion": lam_fusion * fusion_raw, "leader/trans_fusion_raw": trans_raw,
+                  "leader/trans_fusion": lam_fusion * trans_raw, "leader/self_distillation_raw": leader_sd_raw,
+                  "leader/self_distillation": lam_fusion * leader_sd_raw, "leader/total": leader_loss})
+    _step(optimizers["leader"], leader_loss)
+
+    # Decoders: each fits its own network's maps (train-mode BN), weighted by lambda_self_distillation.
+    decoders = [(f"sd_student{i}", forward.sd_students[i - 1], student_maps[i]) for i in range(1, m)]
+    decoders.append(("sd_leader", forward.sd_leader, leader_maps))
+    for name, decoder, maps in decoders:
+        feature, attn = decoder_training_losses(decoder, maps)
+        terms.update({f"{name}/feature_raw": feature, f"{name}/attention_raw": attn,
+                      f"{name}/feature": lam_sd * feature, f"{name}/attention": lam_sd * attn})
+        _step(optimizers[name], lam_sd * (feature + attn))
+
+    terms = {k: v.detach() if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in terms.items()}
+    outputs = {"student_logits": [z.detach() for z in student_logits], "leader_logits": leader_logits.detach(),
+               "fusion_logits": fusion_logits.detach(), "trans_fusion": trans_fusion.detach(),
+               "student_maps": [[f.detach() for f in maps] for maps in student_maps],
+               "leader_maps": [f.detach() for f in leader_maps], "fused": fused}
+    return terms, outputs
+
+
+@torch.no_grad()
+def predict(nets, inputs):
+    """Eval-mode logits of every network: {'student<i>': ..., 'fusion': ..., 'leader': ...}."""
+    logits = {}
+    last_maps = []
+    for i, student in enumerate(nets.students):
+        z, maps = student(inputs)
+        logits[f"student{i}"] = z
+        last_maps.append(maps[-1])
+    logits["fusion"] = nets.fusion_module(torch.cat(last_maps, 1))[0]
+    logits["leader"] = nets.leader(inputs)[0]
+    return logits
