@@ -89,3 +89,29 @@ def find_table(table_id):
             return t
     valid = ", ".join(t.id for t in all_tables())
     raise KeyError(f"unknown table {table_id!r}; valid: {valid}")
+
+
+def tables_markdown():
+    """The README's results tables: published values with their source, statistic, protocol and command."""
+    out = []
+    for number, table in enumerate(all_tables(), 1):
+        out.append(f"### Table {number} (`{table.id}`): {table.title}\n\nSource: {table.source}. "
+                   f"Reproduce: `bash reproduce.sh {table.id}`.\n")
+        out.append("| row | published | metric | statistic | protocol | command |")
+        out.append("|---|---|---|---|---|---|")
+        for row in table.rows:
+            if row.value is None:
+                pub = "not transcribed"
+            else:
+                pub = f"{row.value:.2f}" + (f" ± {row.std:.2f}" if row.std is not None else "")
+            cmd = f"cd {row.workdir} && " + ("torchrun " if row.launcher == "torchrun" else "python ") + \
+                " ".join(row.argv)
+            note = f" ({row.note})" if row.note else ""
+            out.append(f"| {row.name}{note} | {pub} | {row.metric} | {row.statistic} | {row.protocol} epoch | "
+                       f"`{cmd}` |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(tables_markdown())
