@@ -1,0 +1,123 @@
+"""The fast path: CIFAR kept on the device, augmentation on the device, bf16 autocast, channels_last, compile.
+
+All of it is off by default (the defaults are the released math); `--fast` turns everything on. The device-side
+augmentation draws the same distribution as the paper's torchvision transform (crop offsets uniform in 0..8 on each
+axis, flips with probability 0.5, the paper's padding mode, pad/flip/crop order and normalisation), and for the same
+offsets and flips it produces exactly the same pixels (tests/test_common_fast.py). It draws from its own generator,
+so fast runs are repeatable but not RNG-identical to the PIL pipeline.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+def add_fast_args(parser):
+    g = parser.add_argument_group("fast path (off by default: the defaults are the released math)")
+    g.add_argument("--fast", action="store_true", help="all of the below")
+    g.add_argument("--data-on-device", action="store_true", help="CIFAR on the device as uint8, augmented there")
+    g.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast dtype (fp32 master weights)")
+    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    return g
+
+
+def resolve_fast_args(args):
+    """--fast switches on every fast option; cudnn.benchmark goes with it on GPUs."""
+    if getattr(args, "fast", False):
+        args.data_on_device, args.amp, args.channels_last, args.compile = True, "bf16", True, True
+    if getattr(args, "fast", False) and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+    return args
+
+
+def autocast(args, device):
+    """bf16 autocast when --amp bf16, else a no-op context. Losses should take `.float()` logits."""
+    if getattr(args, "amp", "none") == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model, args):
+    """channels_last and torch.compile as requested; returns the module to call (the original keeps its state)."""
+    if getattr(args, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    if getattr(args, "compile", False):
+        return torch.compile(model)
+    return model
+
+
+def device_augment(images, offsets, flips, padding_mode="constant", order="crop_flip"):
+    """Pad 4, crop 32x32 at per-sample offsets (i, j), and flip, on uint8 (B, 3, 32, 32) images.
+
+    order "crop_flip": crop then flip (RandomCrop(32, padding=4) -> RandomHorizontalFlip);
+    order "pad_flip_crop": flip the padded image then crop (Pad -> RandomHorizontalFlip -> RandomCrop(32)).
+    """
+    b = images.size(0)
+    mode = "reflect" if padding_mode == "reflect" else "constant"
+    padded = F.pad(images.float() if mode == "reflect" else images, (4, 4, 4, 4), mode=mode)
+    if order == "pad_flip_crop":
+        padded = torch.where(flips.view(b, 1, 1, 1), padded.flip(3), padded)
+    ar = torch.arange(32, device=images.device)
+    rows = (offsets[:, 0:1] + ar).view(b, 1, 32, 1).expand(b, 3, 32, 40)
+    out = padded.gather(2, rows)
+    cols = (offsets[:, 1:2] + ar).view(b, 1, 1, 32).expand(b, 3, 32, 32)
+    out = out.gather(3, cols)
+    if order == "crop_flip":
+        out = torch.where(flips.view(b, 1, 1, 1), out.flip(3), out)
+    return out.to(torch.uint8)
+
+
+def normalize(images, mean, std):
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+class DeviceCifarLoader:
+    """A CIFAR loader with the whole dataset on the device as uint8 and the augmentation done there.
+
+    Batch order follows the script's semantics: `sampler` (e.g. ClassBalancedSampler) when given, else a shuffled or
+    sequential order; drop_last as the script had it. Yields (images float (B,3,32,32), labels int64).
+    """
+
+    def __init__(self, dataset, batch_size, device, mean, std, train, padding_mode="constant", order="crop_flip",
+                 shuffle=False, drop_last=False, sampler=None, seed=0, channels_last=False):
+        self.images = torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous().to(device)
+        self.labels = torch.as_tensor(dataset.targets, dtype=torch.long).to(device)
+        self.batch_size, self.device, self.mean, self.std = batch_size, device, mean, std
+        self.train, self.padding_mode, self.order = train, padding_mode, order
+        self.shuffle, self.drop_last, self.sampler = shuffle, drop_last, sampler
+        self.channels_last = channels_last
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self):
+        n = len(self.sampler) if self.sampler is not None else len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+    def __iter__(self):
+        n = len(self.labels)
+        if self.sampler is not None:
+            order = torch.as_tensor(list(self.sampler), device=self.device)
+        elif self.shuffle:
+            order = torch.randperm(n, device=self.device, generator=self.generator)
+        else:
+            order = torch.arange(n, device=self.device)
+        for k in range(len(self)):
+            idx = order[k * self.batch_size:(k + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.train:
+                offsets = torch.randint(0, 9, (len(idx), 2), device=self.device, generator=self.generator)
+                flips = torch.rand(len(idx), device=self.device, generator=self.generator) < 0.5
+                x = device_augment(x, offsets, flips, self.padding_mode, self.order)
+            x = normalize(x, self.mean, self.std)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]
