@@ -1,0 +1,193 @@
+"""Throughput and memory of every method's training step, measured (never asserted in tests).
+
+    python -m common.bench [--method M ...] [--arch A ...] [--device cpu|cuda] [--batch 128] [--steps 20]
+                           [--warmup 3] [--fast] [--json out.json]
+    python -m common.bench --compare A.json B.json
+
+Each subproject declares its cases in `<paper>/bench.py` as `CASES`: a list of `BenchCase`s whose `build(device,
+args)` returns a `Built`: `step(x, y)` runs one full training iteration of the method (forward of every network,
+every loss term, backward, optimizer step), `deployed` is the network that would be deployed, `models` every trained
+module (for the parameter count). Measured per case: training-step images/s on in-memory batches (median over
+--steps after --warmup), evaluation images/s of the deployed network, peak memory (CUDA max allocated, or the
+process's peak RSS on the CPU), forward FLOPs per image of the deployed network (torch's FLOP counter) and the
+achieved training FLOP rate (3x forward FLOPs of all trained networks as an estimate of forward+backward).
+"""
+import argparse
+import importlib
+import json
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from common.fast import add_fast_args, autocast, resolve_fast_args
+from common.results import PAPERS
+
+
+@dataclass
+class Built:
+    step: Callable                  # step(x, y): one training iteration
+    deployed: torch.nn.Module       # the network a user would deploy
+    models: list = field(default_factory=list)  # every trained module
+    input_size: int = 32
+    num_classes: int = 100
+
+
+@dataclass
+class BenchCase:
+    paper: str
+    method: str
+    arch: str
+    build: Callable                 # build(device, args) -> Built
+
+
+def all_cases():
+    cases = []
+    for paper in PAPERS:
+        try:
+            module = importlib.import_module(f"{paper}.bench")
+        except ModuleNotFoundError as e:
+            if e.name != f"{paper}.bench":
+                raise
+            continue
+        cases.extend(module.CASES)
+    return cases
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_memory_mb(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _timed(fn, n, device):
+    times = []
+    for _ in range(n):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_flops(model, x):
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() / x.size(0)
+
+
+def measure(case, args):
+    device = args.device
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    built = case.build(device, args)
+    x = torch.randn(args.batch, 3, built.input_size, built.input_size, device=device)
+    y = torch.randint(0, built.num_classes, (args.batch,), device=device)
+    if getattr(args, "channels_last", False):
+        x = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(args.warmup):
+        built.step(x, y)
+    step_s = _timed(lambda: built.step(x, y), args.steps, device)
+    built.deployed.eval()
+
+    def evaluate():
+        with torch.no_grad(), autocast(args, device):
+            built.deployed(x)
+
+    for _ in range(args.warmup):
+        evaluate()
+    eval_s = _timed(evaluate, args.steps, device)
+    flops = forward_flops(built.deployed, x[:2].float().contiguous())
+    trained_flops = sum(forward_flops(m, x[:2].float().contiguous()) for m in built.models) if built.models else flops
+    return {"paper": case.paper, "method": case.method, "arch": case.arch, "device": str(device),
+            "batch": args.batch, "fast": bool(args.fast), "train_images_per_s": args.batch / step_s,
+            "eval_images_per_s": args.batch / eval_s, "peak_memory_mb": _peak_memory_mb(device),
+            "deployed_gflops_per_image": flops / 1e9,
+            "train_tflops_per_s": 3 * trained_flops * args.batch / step_s / 1e12,
+            "parameters": sum(p.numel() for m in (built.models or [built.deployed]) for p in m.parameters()),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def print_table(rows):
+    head = f"{'paper':7s} {'method':16s} {'arch':22s} {'train img/s':>11s} {'eval img/s':>10s} " \
+           f"{'peak MB':>9s} {'GFLOP/img':>9s} {'TFLOP/s':>8s}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['paper']:7s} {r['method']:16s} {r['arch']:22s} {r['train_images_per_s']:11.1f} "
+              f"{r['eval_images_per_s']:10.1f} {r['peak_memory_mb']:9.0f} {r['deployed_gflops_per_image']:9.3f} "
+              f"{r['train_tflops_per_s']:8.3f}")
+
+
+def compare_files(a, b):
+    with open(a) as f:
+        ra = {(r["paper"], r["method"], r["arch"]): r for r in json.load(f)}
+    with open(b) as f:
+        rb = {(r["paper"], r["method"], r["arch"]): r for r in json.load(f)}
+    print(f"{'paper':7s} {'method':16s} {'arch':22s} {'train B/A':>9s} {'eval B/A':>9s} {'mem B/A':>8s}")
+    for key in ra:
+        if key in rb:
+            x, y = ra[key], rb[key]
+            print(f"{key[0]:7s} {key[1]:16s} {key[2]:22s} "
+                  f"{y['train_images_per_s'] / x['train_images_per_s']:9.2f} "
+                  f"{y['eval_images_per_s'] / x['eval_images_per_s']:9.2f} "
+                  f"{y['peak_memory_mb'] / max(x['peak_memory_mb'], 1e-9):8.2f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", action="append", help="only these methods (repeatable)")
+    parser.add_argument("--arch", action="append", help="only these architectures (repeatable)")
+    parser.add_argument("--paper", action="append", help="only these papers (repeatable)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", help="write the measurements here")
+    parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="ratio B/A per row")
+    parser.add_argument("--list", action="store_true", help="list the cases")
+    add_fast_args(parser)
+    args = parser.parse_args(argv)
+    if args.compare:
+        compare_files(*args.compare)
+        return 0
+    resolve_fast_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [c for c in all_cases() if (not args.method or c.method in args.method)
+             and (not args.arch or c.arch in args.arch) and (not args.paper or c.paper in args.paper)]
+    if args.list or not cases:
+        for c in all_cases():
+            print(f"{c.paper:7s} {c.method:16s} {c.arch}")
+        if not cases:
+            print("no case matches the filters", file=sys.stderr)
+            return 2
+        return 0
+    rows = []
+    for case in cases:
+        print(f"measuring {case.paper} {case.method} {case.arch} ...", file=sys.stderr, flush=True)
+        rows.append(measure(case, args))
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
