@@ -34,6 +34,19 @@ def rng_state():
     return state
 
 
+def seed_everything(seed, deterministic=False):
+    """Seed Python, NumPy and torch (CPU and CUDA); optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])

@@ -34,6 +34,8 @@ def add_common_args(parser, data_root_default="./data", data_root_flags=("--data
     g.add_argument("--save-every-steps", type=int, default=0,
                    help="also checkpoint every N iterations inside an epoch (0 = at epoch ends only)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (cudnn.benchmark off), for debugging; slower on GPUs")
     return g
 
 
