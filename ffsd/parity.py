@@ -24,6 +24,11 @@ DEFAULT_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "fixtures", "ffsd")
 DEFAULT_CONFIG = {"model": "resnet20", "init_seed": 0, "batch_seed": 1, "epochs": [6, 1], "weights_fp16_rounded": False}
 TOLERANCE = 1e-5  # float32, relative
+# Post-step (sum, sum of squares): the sum is compared relative to sum |x|, which for BN biases (zero at init) is
+# the size of the one-step update itself. Those updates carry float32 rounding of order 1e-4..1e-3 in the
+# reference: the same quantities computed by the reference's own float32 ops differ from a float64 run by up to
+# 7.6e-4 (student 1, diversity gradient), so a tighter bound would test the rounding, not the algorithm.
+CHECKSUM_TOLERANCE = 1e-3
 EPOCH_KEY = re.compile(r"losses_epoch(\d+)_(full_lambdas|warmup)$")
 # fixture loss names (after dropping the " (...)" explanation) -> ours
 LOSS_NAMES = {"fusion/kl_to_student_mean_logits": "fusion/kl", "leader/kl_to_fusion": "leader/kl"}
@@ -120,7 +125,7 @@ def check_fixture(path, regeneration=True):
     nets.eval()
     logits = predict(nets, inputs)
     report.add("outputs_eval_mode_init", {
-        key: tensor_error(logits[key.removesuffix("_logits").replace("student", "student")], ref)
+        key: tensor_error(logits[key.removesuffix("_logits")], ref)
         for key, ref in fixture["outputs_eval_mode_init"].items()})
 
     epochs = sorted({int(m.group(1)) for k in fixture for m in [EPOCH_KEY.match(k)] if m}, reverse=True)
@@ -183,7 +188,7 @@ def check_fixture(path, regeneration=True):
             errors = {key: checksum_error(state[key], ref) if key in state else math.inf
                       for key, ref in fixture[checksum_key].items()}
             errors.update({key: math.inf for key in state if key not in fixture[checksum_key]})
-            report.add(checksum_key, errors)
+            report.add(checksum_key, errors, CHECKSUM_TOLERANCE)
     report.print()
     return report.ok
 

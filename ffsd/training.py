@@ -179,3 +179,69 @@ def predict(nets, inputs):
     logits["fusion"] = nets.fusion_module(torch.cat(last_maps, 1))[0]
     logits["leader"] = nets.leader(inputs)[0]
     return logits
+
+
+class TermMeters:
+    """Per-sample running means of named values, kept on the device (read with averages())."""
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def update(self, values, n):
+        for k, v in values.items():
+            v = v.detach().double() * n
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += n
+
+    def averages(self):
+        return {k: (v / max(self.count, 1)).item() for k, v in self.sums.items()}
+
+    def state_dict(self):
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, state, device):
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.count = state["count"]
+
+
+def batch_accuracies(logits, labels):
+    """Top-1 hits (percent, as tensors) of every network, the students' average and the oracle ensemble."""
+    hits = {name: z.argmax(1).eq(labels) for name, z in logits.items()}
+    students = [h for name, h in hits.items() if name.startswith("student")]
+    acc = {f"{name}/top1": 100.0 * h.float().mean() for name, h in hits.items()}
+    acc["average/top1"] = sum(acc[f"{name}/top1"] for name in hits if name.startswith("student")) / len(students)
+    acc["ensemble_oracle/top1"] = 100.0 * torch.stack(students).any(0).float().mean()
+    return acc
+
+
+@torch.no_grad()
+def evaluate(nets, loader, device, max_batches=0, reduce=None):
+    """Eval-mode top-1/top-5 and CE of every network, the students' average top-1, the released 'Ensemble Acc'
+    (oracle: a sample counts when ANY student is right) and a real ensemble (mean of the students' logits).
+    REDUCE(tensor) sums counts over processes (DDP)."""
+    nets.eval()
+    sums = None
+    for i, (x, y) in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = predict(nets, x)
+        logits["ensemble"] = torch.stack([z for k, z in logits.items() if k.startswith("student")]).mean(0)
+        batch = {}
+        for name, z in logits.items():
+            top5 = z.topk(min(5, z.size(1)), 1).indices.eq(y[:, None])
+            batch[f"{name}/top1"] = top5[:, 0].sum().double()
+            batch[f"{name}/top5"] = top5.any(1).sum().double()
+            batch[f"{name}/loss"] = F.cross_entropy(z, y, reduction="sum").double()
+        hits = torch.stack([logits[k].argmax(1).eq(y) for k in logits if k.startswith("student")])
+        batch["ensemble_oracle/top1"] = hits.any(0).sum().double()
+        batch["average/top1"] = hits.double().sum(1).mean()
+        batch["count"] = torch.tensor(float(y.size(0)), dtype=torch.float64, device=y.device)
+        sums = batch if sums is None else {k: sums[k] + v for k, v in batch.items()}
+    keys = sorted(sums)
+    totals = torch.stack([sums[k] for k in keys])
+    if reduce is not None:
+        totals = reduce(totals)
+    totals = dict(zip(keys, totals.tolist()))
+    count = totals.pop("count")
+    return {k: v / count * (1 if k.endswith("/loss") else 100.0) for k, v in totals.items()}

@@ -73,10 +73,10 @@ class MetaStep:
         """L_s: weighted L_MCL for the first `times` steps, head-CE sum for the last one."""
         if s < self.args.times:
             out = self._mcl(theta, phi, buffers, x, y)
-            self.record.setdefault("inner", []).append({k: float(v) for k, v in out.items() if k != "mcl_breakdown"})
+            self.record.setdefault("inner", []).append({k: float(v.detach()) for k, v in out.items() if k != "mcl_breakdown"})
             return out["loss_mcl"]
         loss = self._ce(theta, buffers, x, y)
-        self.record.setdefault("outer", []).append(float(loss))
+        self.record.setdefault("outer", []).append(float(loss.detach()))
         return loss
 
     def hypergradient(self, x, y, lr):
@@ -100,7 +100,7 @@ class MetaStep:
             theta = {k: (theta[k].detach() - lr * b).requires_grad_(True) for k, b in zip(names, buf)}
 
         outer = self._ce(theta, buffers, x, y)
-        self.record.setdefault("outer", []).append(float(outer))
+        self.record.setdefault("outer", []).append(float(outer.detach()))
         alpha0 = [g if g is not None else torch.zeros_like(theta[k]) for k, g in
                   zip(names, torch.autograd.grad(outer, [theta[k] for k in names], allow_unused=True))]
         alpha1 = [torch.zeros_like(a) for a in alpha0]

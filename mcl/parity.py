@@ -73,16 +73,18 @@ class Report:
     def __init__(self, name):
         self.name, self.rows, self.ok = name, [], True
 
-    def compare(self, item, got, ref, tol):
-        """Largest |got - ref| relative to the largest |ref| (absolute when the reference is ~0)."""
+    def compare(self, item, got, ref, tol, atol=0.0):
+        """Largest |got - ref| relative to the largest |ref|; also passes when the absolute error is <= atol
+        (float32 terms that are differences of nearly equal numbers, e.g. the soft VCL KLs)."""
         got = torch.as_tensor(got, dtype=torch.float64).detach().flatten()
         ref = torch.as_tensor(ref, dtype=torch.float64).detach().flatten()
         if got.shape != ref.shape:
             err = math.inf
         else:
             scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1e-12)
-            err = (got - ref).abs().max().item() / scale if ref.numel() else 0.0
-        passed = err <= tol
+            abs_err = (got - ref).abs().max().item() if ref.numel() else 0.0
+            err = abs_err / scale
+        passed = err <= tol or (atol > 0 and err * scale <= atol)
         self.ok &= passed
         self.rows.append((item, err, tol, passed))
 
@@ -96,12 +98,6 @@ class Report:
         print(f"== {self.name}")
         for item, err, tol, passed in self.rows:
             print(f"  {item:<{width}}  max rel err {err:9.2e}  (tol {tol:.0e})  {'ok' if passed else 'MISMATCH'}")
-
-
-def _nested(x):
-    if isinstance(x, (list, tuple)):
-        return [_nested(v) for v in x]
-    return x
 
 
 def flat(x):
@@ -119,7 +115,6 @@ LOSS_KEYS = ("stage_ce", "aggregated_ce", "loss_cls", "logit_kd_terms", "loss_lo
 def main_step(pair, embed, aggregator, weight_net, args, x, y, lr):
     """Ordinary step: forward, backward, Nesterov SGD over pair + embed heads + aggregator. Returns the outputs, the
     gradient norms and the parameter-change norms (state entries of the pair)."""
-    before = {k: v.detach().clone() for k, v in pair.state_dict().items()}
     params = list(pair.parameters()) + list(embed.parameters()) + list(aggregator.parameters())
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
     optimizer.zero_grad()
@@ -130,13 +125,22 @@ def main_step(pair, embed, aggregator, weight_net, args, x, y, lr):
         for k, p in module.named_parameters():
             if p.grad is not None:
                 grad_norms[f"{prefix}.{k}"] = p.grad.norm().item()
+    before = {k: v.detach().clone() for k, v in pair.state_dict().items()}  # the step alone (BN stats: 0)
     optimizer.step()
     deltas = {k: (v.detach().to(before[k].dtype) - before[k]).double().norm().item()
               for k, v in pair.state_dict().items() if v.is_floating_point()}
     return out, grad_norms, deltas
 
 
-def check_fixture(path, exact_only=False):
+def check_fixture(path, meta=True):
+    """Report for one fixture; meta=False skips the meta step (float32 and float64), the slow part."""
+    # oneDNN's float32 convolution backward accumulates in another order than the reference run (which matches
+    # float64 to 3e-6 with the native kernels, against 1.5e-3 for oneDNN on small BN gradients); use the native ones
+    with torch.backends.mkldnn.flags(enabled=False):
+        return _check_fixture(path, meta)
+
+
+def _check_fixture(path, meta):
     fixture = load_fixture(path)
     report = Report(pathlib.Path(path).name)
     x, y = fixture["input"], fixture["labels"]
@@ -158,12 +162,12 @@ def check_fixture(path, exact_only=False):
     correct = [[float((z.argmax(1) == y).sum()) for z in net] for net in out["logits"]]
     report.compare("outputs.train_top1_correct", flat(correct), flat(ref_out["train_top1_correct"]), 0.0)
     for key in LOSS_KEYS:
-        report.compare(f"losses.{key}", flat(out[key]), flat(ref_loss[key]), tol32)
+        report.compare(f"losses.{key}", flat(out[key]), flat(ref_loss[key]), tol32, atol=1e-5)
     if "mcl_breakdown" in ref_loss:
         for term in ("vcl", "soft_vcl", "icl", "soft_icl"):
             ours = [b[term] for b in out["mcl_breakdown"]]
             theirs = [b[term] for b in ref_loss["mcl_breakdown"]]
-            report.compare(f"losses.mcl_breakdown.{term}", flat(ours), flat(theirs), 5e-5)
+            report.compare(f"losses.mcl_breakdown.{term}", flat(ours), flat(theirs), tol32, atol=1e-5)
         report.check("losses.mcl_breakdown order (i,j,k,z)",
                      [(b["i"], b["j"], b["k"], b["z"]) for b in out["mcl_breakdown"]] ==
                      [(b["i"], b["j"], b["k"], b["z"]) for b in ref_loss["mcl_breakdown"]])
@@ -178,7 +182,7 @@ def check_fixture(path, exact_only=False):
         report.check("main_step.param_delta_norms keys", set(deltas) == set(ref_d))
         report.compare("main_step.param_delta_norms", [deltas[k] for k in keys], [ref_d[k] for k in keys], 1e-4)
 
-    if "meta_step" in fixture:
+    if meta and "meta_step" in fixture:
         ref_meta = fixture["meta_step"]
         params_before = {k: v.detach().clone() for k, v in pair.named_parameters()}
         weight_optimizer = torch.optim.SGD(weight_net.parameters(), lr=lr, momentum=0.9, nesterov=True,
@@ -211,7 +215,7 @@ def check_fixture(path, exact_only=False):
         state = copy.deepcopy((pair.state_dict(), weight_net.state_dict()))
         for exact, ref_key in ((False, "loss_weight_network_grads_original_metasgd"),
                                (True, "loss_weight_network_grads_exact_unrolled")):
-            if ref_key not in ref64:
+            if not meta or ref_key not in ref64:
                 continue
             pair.load_state_dict(state[0])
             weight_net.load_state_dict(state[1])
@@ -245,6 +249,7 @@ def default_fixtures():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("fixtures", nargs="*", help="fixture files (default: every *_fixture.pt in the shared folder)")
+    parser.add_argument("--no-meta", action="store_true", help="skip the meta-step checks (the slow part)")
     args = parser.parse_args(argv)
     paths = args.fixtures or default_fixtures()
     if not paths:
@@ -253,7 +258,7 @@ def main(argv=None):
     ok = True
     for path in paths:
         try:
-            report = check_fixture(path)
+            report = check_fixture(path, meta=not args.no_meta)
         except FixtureError as e:
             print(f"== {os.path.basename(str(path))}\n  cannot check: {e}", file=sys.stderr)
             ok = False

@@ -60,6 +60,11 @@ def check_args(args):
         check_arch(args.model, args.dataset)
     except ValueError as e:
         raise SystemExit(f"--model: {e}")
+    if args.seed is not None:  # before the model is built, so the initial weights follow the seed too
+        import random
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
+        random.seed(args.seed)
 
 
 def lr_at(epoch, lr, milestones):
@@ -108,9 +113,9 @@ def flatten_terms(terms, names):
             continue
         if isinstance(value, list):
             for name, v in zip(names, value):
-                flat[f"{key.split('_')[0]}/{name}"] = float(v)
+                flat[f"{key.split('_')[0]}/{name}"] = float(torch.as_tensor(v).detach())
         else:
-            flat[rename.get(key, key)] = float(value)
+            flat[rename.get(key, key)] = float(torch.as_tensor(value).detach())
     return flat
 
 
@@ -133,11 +138,6 @@ def default_run_dir(args, sub):
 def train(args, script, method, model, step, meta, select, run_dir_default, ramp=None, extra_state=None):
     """The epoch loop. `select` is the log key whose best value picks best.pth (the released criterion)."""
     ctx = dist.init_distributed(args.device)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-        np.random.seed(args.seed)
-        import random
-        random.seed(args.seed)
     run_dir = args.run_dir or run_dir_default
     args.run_dir = run_dir
     train_loader, test_loader, _ = data(args, ctx)

@@ -206,7 +206,7 @@ def compare_forward(rep, label, cfg, model, ref, x, y, tol_out, tol_loss, epochs
         if pair_key in t:
             from okddip.losses import kl_t
             pro, m = out["pro"], out["pro"].size(-1)
-            mine = [[0.0 if j == k else float(kl_t(pro[:, :, j], pro[:, :, k], cfg["T"])) for k in range(m)]
+            mine = [[0.0 if j == k else float(kl_t(pro[:, :, j], pro[:, :, k], cfg["T"]).detach()) for k in range(m)]
                     for j in range(m)]
             refm = [[0.0 if v is None else v for v in row] for row in t[pair_key]]
             rep.rel(f"{label}.loss.{pair_key}", mine, refm, tol_loss)

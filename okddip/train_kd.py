@@ -43,6 +43,8 @@ def main(argv=None):
     p.add_argument("--loss", default="KL", choices=["KL", "CE"])
     p.add_argument("--temperature", type=float, default=3.0)
     p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--teacher_untrained", action="store_true",
+                   help="use a freshly initialised teacher instead of --T_model_path (smoke runs only)")
     args = p.parse_args(argv)
     check_args(args)
     try:
@@ -55,7 +57,10 @@ def main(argv=None):
     device = torch.device(args.device if args.device.startswith("cuda") and torch.cuda.is_available() else "cpu")
     if "LOCAL_RANK" in os.environ and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    teacher = load_teacher(args.T_model, path, num_classes, device)
+    if args.teacher_untrained:
+        teacher = plain_network(args.T_model, num_classes).to(device).eval()
+    else:
+        teacher = load_teacher(args.T_model, path, num_classes, device)
     model = plain_network(args.model, num_classes, dropout=args.dropout)
 
     def step(net, x, y, epoch):

@@ -1,0 +1,230 @@
+"""FFSD: fingerprints, parity with the reference fixtures, the training step, the scripts on synthetic data."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, SHARED_FIXTURES, paper_fixtures
+
+from common.logging import read_log
+from ffsd import parity
+from ffsd.losses import lambda_warmup
+from ffsd.models import create_decoder, create_fusion_module, create_model
+from ffsd.training import build_networks, build_optimizers, train_step, warmed_up_lambdas
+
+FINGERPRINTS = [("resnet20", "cifar100", "resnet20"), ("resnet32", "cifar100", "resnet32"),
+                ("resnet56", "cifar100", "resnet56"), ("wideresnet1602", "cifar100", "wideresnet1602"),
+                ("wideresnet4002", "cifar100", "wideresnet4002"), ("densenet", "cifar100", "densenet"),
+                ("googlenet", "cifar100", "googlenet"), ("resnet18", "imagenet", "imagenet_resnet18"),
+                ("resnet34", "imagenet", "imagenet_resnet34")]
+LAMBDAS = {"diversity": 1e-5, "fusion": 10.0, "self_distillation": 1000.0}
+
+
+def layout(module):
+    return [[k, list(v.shape)] for k, v in module.state_dict().items()]
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("model,dataset,stem", FINGERPRINTS)
+def test_layouts_and_parameter_counts_match_fingerprints(model, dataset, stem):
+    path = SHARED_FIXTURES / "ffsd" / f"{stem}.json"
+    if not path.exists():
+        pytest.skip(f"shared fingerprint {path} not present")
+    fp = json.loads(path.read_text())
+    student = create_model(model, dataset)
+    leader = create_model(model, dataset, leader=True)
+    fusion = create_fusion_module(student, dataset)
+    decoder = create_decoder(model, student, 4 if dataset == "imagenet" else 3)
+    saved = list(fp["saved_checkpoints"].values())
+    assert layout(student) == saved[0] == saved[1]
+    assert layout(fusion) == saved[2]
+    assert layout(leader) == saved[3]
+    assert layout(decoder) == list(fp["trained_but_never_saved"].values())[0]
+    counts = fp["param_counts"]
+    assert count(student) == counts["student_each"]
+    assert count(leader) == counts["leader_total_incl_trans_fusion_module"]
+    assert count(fusion) == counts["fusion_module"]
+    assert count(decoder) == counts["sd_model_each"]
+    assert 2 * count(student) + count(leader) + count(fusion) + 2 * count(decoder) == counts["whole_training_ensemble"]
+
+
+def test_published_counts_from_the_spec():
+    # the spec's table, independent of the JSON files: ResNet-32 leader and whole training ensemble
+    student = create_model("resnet32")
+    nets = build_networks("resnet32")
+    assert count(student) == 472_756
+    assert count(nets) == 1_489_920
+
+
+FIXTURES = paper_fixtures("ffsd")[1]
+
+
+@pytest.mark.skipif(not FIXTURES, reason="shared FFSD fixtures folder (../shared/fixtures/ffsd) is absent")
+@pytest.mark.parametrize("path", FIXTURES, ids=[p.name for p in FIXTURES])
+def test_parity_with_reference_fixture(path, capsys):
+    ok = parity.check_fixture(str(path))
+    out = capsys.readouterr().out
+    assert ok, out
+    assert "FAIL" not in out and "init regeneration" in out and "post_step_checksums" in out
+
+
+def test_parity_cli_rejects_a_corrupted_fixture(tmp_path):
+    if not FIXTURES:
+        pytest.skip("shared FFSD fixtures folder is absent")
+    fixture = torch.load(FIXTURES[0], weights_only=False)
+    key = next(k for k in fixture if k.startswith("losses_epoch"))
+    fixture[key]["leader/ce"] = fixture[key]["leader/ce"] * 1.01
+    fixture["meta"]["config"] = {"model": "resnet20", "init_seed": 0, "batch_seed": 1, "epochs": [6, 1],
+                                 "weights_fp16_rounded": True}
+    fixture["init_state"] = {n: {k: v.half() if v.is_floating_point() else v for k, v in s.items()}
+                             for n, s in fixture["init_state"].items()}  # the fp16 [ext] form must load too
+    path = tmp_path / "bad_fixture.pt"
+    torch.save(fixture, path)
+    assert parity.main([str(path), "--no-regeneration"]) == 1
+
+
+def test_warmup_factors():
+    factors = [lambda_warmup(1.0, e) for e in range(1, 7)]
+    assert factors == pytest.approx([0.0407622, 0.1652989, 0.4493290, 0.8187308, 1.0, 1.0], rel=1e-6)
+
+
+def test_detach_points_and_loss_falls():
+    """Repeating one batch: every network's loss falls; a student's loss reaches only its own parameters."""
+    torch.manual_seed(0)
+    nets = build_networks("resnet20")
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+    optimizers = build_optimizers(nets, lr=0.05)
+    nets.train()
+    first = None
+    for _ in range(3):
+        terms, _ = train_step(nets, optimizers, x, y, warmed_up_lambdas(LAMBDAS, 6))
+        first = first or terms
+    for name in ("student0/total", "student1/total", "fusion/total", "leader/total"):
+        assert terms[name] < first[name], name
+    # leader and fusion losses never reach the students: their grads stay None after a step that zeroes them
+    for student in nets.students:
+        for p in student.parameters():
+            p.grad = None
+    for opt in ("fusion_module", "leader"):
+        optimizers[opt].zero_grad()
+    nets.train()
+    logits, maps, trans = nets.leader(x)
+    student_maps = [s(x)[1] for s in nets.students]
+    fusion_logits, fused = nets.fusion_module(torch.cat([m[-1].detach() for m in student_maps], 1))
+    (logits.sum() + trans.sum() + fusion_logits.sum() + fused.sum()).backward()
+    assert all(p.grad is None for s in nets.students for p in s.parameters())
+
+
+def test_bad_options_fail_clearly(tmp_path, synthetic_root, capsys):
+    from ffsd.train import main
+
+    def run(*args):
+        with pytest.raises(SystemExit) as e:
+            main(["--data-root", str(synthetic_root), "--run-dir", str(tmp_path / "bad"), *args])
+        assert e.value.code != 0
+        return capsys.readouterr().err
+    err = run("--model", "resnet21")
+    assert "valid: resnet20, resnet32" in err and "googlenet" in err
+    assert "--model_num must be at least 2" in run("--model", "resnet20", "--model_num", "1")
+    assert "invalid choice" in run("--model", "resnet20", "--lr_policy", "linear")
+    assert not (tmp_path / "bad").exists()  # nothing written before the options are valid
+
+
+SMOKE = ["--model", "resnet20", "--n_epochs", "3", "--steps-per-epoch", "2", "--eval-batches", "1",
+         "--train_batch_size", "4", "--test_batch_size", "8", "--workers", "0", "--quiet", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def cifar_run(tmp_path_factory, synthetic_root):
+    from ffsd.train import main
+    run_dir = tmp_path_factory.mktemp("ffsd_cifar") / "run"
+    main(SMOKE + ["--data-root", str(synthetic_root), "--run-dir", str(run_dir)])
+    return run_dir
+
+
+def test_cifar_smoke_run_writes_everything(cifar_run):
+    records = read_log(cifar_run)
+    assert [r["epoch"] for r in records] == [1, 2]  # --n_epochs 3 is exclusive, as released
+    for key in ("train/loss", "train/student1/diversity", "train/leader/trans_fusion", "train/sd_leader/attention",
+                "test/leader/top1", "test/fusion/top1", "test/student0/top5", "test/ensemble_oracle/top1",
+                "test/ensemble/top1", "test/average/top1", "lambda/fusion", "best/leader/top1", "lr"):
+        assert key in records[-1], key
+    assert records[0]["lambda/fusion"] == pytest.approx(10 * 0.0407622, rel=1e-6)
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in records)
+    for name in ("model0_best.pth", "model1_best.pth", "modelfusion_best.pth", "modelleader_best.pth"):
+        assert (cifar_run / "checkpoints" / name).exists()
+    for name in ("checkpoint.pt", "logger.log", "config.txt", "args.json", "finished"):
+        assert (cifar_run / name).exists()
+    log_text = (cifar_run / "logger.log").read_text()
+    assert "Model[Fusion]/[Leader] Epoch" in log_text and " | Epoch[1]\tTime" in log_text
+    leader = torch.load(cifar_run / "checkpoints" / "modelleader_best.pth", weights_only=False)
+    assert set(leader) == {"weight", "epoch", "cfg", "index"} and leader["index"] == "leader"
+    assert layout_of(leader["weight"]) == layout(create_model("resnet20", leader=True))
+
+
+def layout_of(state):
+    return [[k, list(v.shape)] for k, v in state.items()]
+
+
+def test_test_py_reads_authors_and_prefixed_checkpoints(cifar_run, synthetic_root, tmp_path):
+    from ffsd.test import main as test_main
+    authors = cifar_run / "checkpoints" / "modelleader_best.pth"
+    prefixed = tmp_path / "prefixed.pth"
+    weights = torch.load(authors, weights_only=False)["weight"]
+    torch.save({"module." + k: v for k, v in weights.items()}, prefixed)
+    common = ["--data-root", str(synthetic_root), "--workers", "0", "--eval-batches", "1", "--test_batch_size", "8"]
+    for path in (authors, prefixed, cifar_run / "checkpoint.pt"):
+        assert test_main(common + ["--model", "resnet20", "--load_path", str(path)]) == 0
+    assert test_main(common + ["--model", "resnet32", "--load_path", str(prefixed)]) == 2  # wrong architecture
+    assert test_main(common + ["--model", "resnet20", "--load_path", str(tmp_path / "missing.pth")]) == 2
+
+
+@pytest.mark.slow  # two extra process runs; about a minute on 2 shared cores
+def test_resume_after_kill_is_bit_exact(cifar_run, synthetic_root, tmp_path):
+    run_dir = tmp_path / "killed"
+    args = [sys.executable, "-m", "ffsd.cifar", *SMOKE, "--data-root", str(synthetic_root), "--run-dir", str(run_dir),
+            "--save-every-steps", "1"]
+    env = dict(os.environ, FFSD_KILL_AT_STEP="3")  # inside epoch 2
+    killed = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode != 0 and not (run_dir / "finished").exists()
+    resumed = subprocess.run(args + ["--continue_train"], cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(cifar_run / "checkpoint.pt", weights_only=False)["networks"]
+    b = torch.load(run_dir / "checkpoint.pt", weights_only=False)["networks"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in read_log(run_dir)] == [1, 2]
+    assert read_log(run_dir)[-1]["train/loss"] == read_log(cifar_run)[-1]["train/loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["resnet32", "resnet56", "wideresnet1602", "wideresnet4002", "densenet",
+                                   "googlenet"])
+def test_cifar_smoke_every_architecture(model, synthetic_root, tmp_path):
+    from ffsd.train import main
+    main(["--model", model, "--n_epochs", "2", "--steps-per-epoch", "2", "--eval-batches", "1",
+          "--train_batch_size", "2", "--test_batch_size", "2", "--workers", "0", "--quiet",
+          "--data-root", str(synthetic_root), "--run-dir", str(tmp_path / model)])
+    assert (tmp_path / model / "checkpoints" / "modelleader_best.pth").exists()
+    assert len(read_log(tmp_path / model)) == 1
+
+
+@pytest.mark.slow  # two processes building three ResNet-18s each
+def test_imagenet_under_torchrun_two_processes(synthetic_root, tmp_path):
+    run_dir = tmp_path / "imagenet"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ffsd.imagenet",
+           "--model", "resnet18", "--n_epochs", "2", "--steps-per-epoch", "1", "--eval-batches", "1",
+           "--train_batch_size", "4", "--test_batch_size", "4", "--workers", "0", "--quiet",
+           "--data-root", str(synthetic_root / "imagenet"), "--run-dir", str(run_dir)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = read_log(run_dir)[-1]
+    assert record["epoch"] == 1 and "test/leader/top1" in record and "test/student0/top5" in record
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["train_batch_size"] == 4 and args["script"] == "ffsd/imagenet.py"
+    assert (run_dir / "checkpoints" / "modelleader_best.pth").exists()

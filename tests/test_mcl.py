@@ -1,0 +1,233 @@
+"""L-MCL (mcl/): architectures against the authors' fingerprints, parity with the reference fixtures, training
+scripts on synthetic data, resume, bad flags."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.logging import read_log
+from conftest import REPO, SHARED_FIXTURES, paper_fixtures
+from mcl.losses import mcl_loss
+from mcl.models import Aggregator, EmbedHeads, LossWeightNetwork, build_cifar_baseline, build_cifar_pair, networks_of
+from mcl.parity import check_fixture
+
+FINGERPRINTS = sorted((SHARED_FIXTURES / "mcl").glob("*.json")) if (SHARED_FIXTURES / "mcl").is_dir() else []
+NO_SHARED = "shared fixtures folder ../shared/fixtures/mcl is absent"
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# spec 2.7: deployed backbone and auxiliary-branch parameters of every CIFAR network (100 classes)
+PARAMS = {"resnet32": (472756, 809096), "resnet56": (861620, 1475208), "resnet110": (1170868, 2011080),
+          "wrn_16_2": (703284, 1208200), "wrn_40_2": (2255156, 3867528), "wrn_28_4": (5872180, 10089032),
+          "ShuffleNetV2_05x": (444292, 827768), "ShuffleNetV2_1x": (1356104, 2406252),
+          "hcgnet_A1": (1102651, 1478429), "hcgnet_A2": (3133679, 4114546)}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_parameter_counts_match_the_authors_models(name):
+    pair = build_cifar_pair(f"lmcl_{name}_cifar")
+    net = networks_of(pair)[0]
+    assert (count(net.backbone), count(net.auxiliary_classifier)) == PARAMS[name]
+    assert count(build_cifar_baseline(f"{name}_cifar")) == PARAMS[name][0]  # the baseline is the deployed backbone
+
+
+@pytest.mark.skipif(not FINGERPRINTS, reason=NO_SHARED)
+@pytest.mark.parametrize("path", FINGERPRINTS, ids=lambda p: p.stem)
+def test_state_dict_layout_and_loss_modules_match_fingerprint(path):
+    spec = json.loads(path.read_text())
+    pair = build_cifar_pair(spec["arch"])
+    assert [[k, list(v.shape)] for k, v in pair.state_dict().items()] == spec["state_dict"]["net"]
+    with torch.no_grad():
+        features, logits = pair.eval()(torch.zeros(2, 3, 32, 32))
+    assert [[list(h.shape) for h in f] for f in features] == spec["forward"]["embeddings_shapes"]
+    assert [[list(z.shape) for z in n] for n in logits] == spec["forward"]["logits_shapes"]
+    rep_dim = [f[0].size(1) for f in features]
+    assert rep_dim == spec["rep_dim"]
+    modules = {"criterion_mcl": EmbedHeads(rep_dim, 3), "aggregator": Aggregator(rep_dim, 3),
+               "loss_weight_network": LossWeightNetwork(spec["feat_dims"])}
+    for key, module in modules.items():
+        assert [[k, list(v.shape)] for k, v in module.state_dict().items()] == spec["state_dict"][key]
+    counts = spec["param_counts"]
+    assert count(pair) == counts["pair_total"]
+    assert count(modules["criterion_mcl"]) == counts["criterion_mcl_embed_heads"]
+    assert count(modules["aggregator"]) == counts["aggregator"]
+    assert count(modules["loss_weight_network"]) == counts["loss_weight_network"]
+    for net, (prefix, split) in zip(networks_of(pair), counts["per_network"].items()):
+        assert (count(net.backbone), count(net.auxiliary_classifier)) == (split["deployed_backbone"],
+                                                                          split["auxiliary_branches"])
+
+
+def test_bad_architecture_names_and_depths_are_explained():
+    with pytest.raises(ValueError, match="lmcl_res32_res110_cifar"):
+        build_cifar_pair("lmcl_resnet33_cifar")
+    with pytest.raises(ValueError, match="resnet32_cifar"):
+        build_cifar_baseline("resnet32")
+    from mcl.models.wrn_cifar import WideResNetCIFAR
+    with pytest.raises(ValueError, match="multiple of 6"):
+        WideResNetCIFAR(17, 2)
+
+
+def test_mcl_loss_duplicates_ordered_pairs_and_needs_positives():
+    torch.manual_seed(0)
+    emb = [[torch.nn.functional.normalize(torch.randn(6, 16), dim=1) for _ in range(3)] for _ in range(2)]
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    weights = [torch.rand(6) for _ in range(9)]
+    weights = weights + [weights[3 * z + k] for k in range(3) for z in range(3)]  # (1,0,k,z) = (0,1,z,k)
+    out = mcl_loss(emb, weights, labels)
+    first = sum(b["icl"] for b in out["mcl_breakdown"][:9])
+    assert torch.allclose(out["icl"], 2 * first)  # both orderings summed: exactly twice the 9-pair sum
+    assert torch.allclose(out["loss_mcl"], 0.1 * out["vcl"] + out["soft_vcl"] + 0.1 * out["icl"] + out["soft_icl"])
+    # the cross-network diagonal is neither positive nor in the denominator: identical embeddings do not help
+    same = [[emb[0][0]] * 3, [emb[0][0]] * 3]
+    assert torch.isfinite(mcl_loss(same, [torch.ones(6)] * 18, labels)["icl"])
+
+
+def test_training_loss_falls_on_a_fixed_batch():
+    from types import SimpleNamespace
+    from mcl.lmcl import training_loss
+    torch.manual_seed(0)
+    pair = build_cifar_pair("lmcl_resnet32_cifar")
+    embed, aggregator, weight_net = EmbedHeads([64, 64], 3), Aggregator([64, 64], 3), LossWeightNetwork([[64] * 3] * 2)
+    args = SimpleNamespace(kd_T=3.0, tau=0.1, alpha=0.1, gamma=1.0, beta=0.1, lam=1.0)
+    params = list(pair.parameters()) + list(embed.parameters()) + list(aggregator.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.02, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(4).repeat_interleave(2)
+    losses = []
+    for _ in range(4):
+        out = training_loss(pair, embed, aggregator, weight_net, x, y, args)
+        optimizer.zero_grad()
+        out["total"].backward()
+        optimizer.step()
+        losses.append(out["total"].item())
+    assert losses[-1] < losses[0]
+
+
+_FIXTURES_DIR, FIXTURES = paper_fixtures("mcl")
+
+
+@pytest.mark.skipif(not FIXTURES, reason=NO_SHARED)
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.stem)
+def test_parity_outputs_losses_and_main_step(path):
+    report = check_fixture(path, meta=False)
+    assert report.ok, [r for r in report.rows if not r[3]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FIXTURES, reason=NO_SHARED)
+def test_parity_checker_cli_including_meta_step():
+    result = subprocess.run([sys.executable, "-m", "mcl.parity"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "float64.meta.hypergradient (original)" in result.stdout
+
+
+def run_script(script, args, cwd=REPO / "mcl", env=None, check=True):
+    result = subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+BASELINE_SMOKE = ["--arch", "resnet32_cifar", "--batch-size", "16", "--steps-per-epoch", "3", "--eval-batches", "1",
+                  "--num-workers", "0", "--quiet", "--seed", "1"]
+LMCL_SMOKE = ["--arch", "lmcl_resnet32_cifar", "--batch-size", "8", "--steps-per-epoch", "2", "--eval-batches", "1",
+              "--meta-freq", "2", "--num-workers", "0", "--quiet", "--seed", "1"]
+
+
+def same_logs(a, b):
+    timing = ("epoch_time", "images_per_s")
+    return [{k: v for k, v in r.items() if k not in timing} for r in a] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in b]
+
+
+def test_baseline_smoke_and_mid_epoch_resume_is_bit_exact(synthetic_root, tmp_path):
+    args = BASELINE_SMOKE + ["--epochs", "2", "--data-root", synthetic_root]
+    full = tmp_path / "full"
+    run_script("main_cifar_baseline.py", args + ["--run-dir", full])
+    log = read_log(full)
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert {"train/loss", "train/net/top1", "test/net/loss", "test/net/top1", "test/net/top5", "lr"} <= set(log[0])
+    assert (full / "checkpoint.pt").exists() and (full / "best.pt").exists() and (full / "finished").exists()
+    cut = tmp_path / "cut"  # killed in the middle of epoch 2, then resumed from the step checkpoint
+    killed = run_script("main_cifar_baseline.py", args + ["--run-dir", cut, "--save-every-steps", "1"],
+                        env={"MCL_KILL_AT_STEP": "5"}, check=False)
+    assert killed.returncode != 0 and not (cut / "finished").exists()
+    run_script("main_cifar_baseline.py", args + ["--run-dir", cut, "--resume"])
+    a = torch.load(full / "checkpoint.pt", weights_only=False)
+    b = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    assert same_logs(read_log(full), read_log(cut))
+
+
+def test_lmcl_smoke_with_meta_step(synthetic_root, tmp_path):
+    run = tmp_path / "lmcl"
+    run_script("main_layer_mcl_cifar_meta.py", LMCL_SMOKE + ["--epochs", "1", "--data-root", synthetic_root,
+                                                             "--run-dir", run])
+    (record,) = read_log(run)
+    for key in ("train/loss", "train/loss_cls", "train/loss_logit_kd", "train/loss_vcl", "train/loss_soft_vcl",
+                "train/loss_icl", "train/loss_soft_icl", "train/net1/aux1/top1", "train/net2/aggregated/top1",
+                "test/net1/top1", "test/net2/aux2/top5", "test/net1/max_heads/top1", "test/max_heads/top1"):
+        assert key in record, key
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert {"net", "criterion_mcl", "aggregator", "loss_weight_network", "optimizer", "weight_optimizer",
+            "sampler"} <= set(ckpt)
+    # the meta step moved the weight network (it has no other gradient) and left Nesterov momentum behind
+    assert ckpt["weight_optimizer"]["state"], "the weight network was never updated"
+    assert ckpt["net"]["module_list.0.backbone.bn1.num_batches_tracked"].item() == 3  # 2 steps + 1 meta extra
+
+
+@pytest.mark.slow
+def test_lmcl_mid_epoch_resume_is_bit_exact(synthetic_root, tmp_path):
+    args = LMCL_SMOKE + ["--epochs", "2", "--steps-per-epoch", "3", "--data-root", synthetic_root]
+    full = tmp_path / "full"
+    run_script("main_layer_mcl_cifar_meta.py", args + ["--run-dir", full])
+    cut = tmp_path / "cut"
+    killed = run_script("main_layer_mcl_cifar_meta.py", args + ["--run-dir", cut, "--save-every-steps", "1"],
+                        env={"MCL_KILL_AT_STEP": "4"}, check=False)
+    assert killed.returncode != 0
+    run_script("main_layer_mcl_cifar_meta.py", args + ["--run-dir", cut, "--resume"])
+    a = torch.load(full / "checkpoint.pt", weights_only=False)
+    b = torch.load(cut / "checkpoint.pt", weights_only=False)
+    for key in ("net", "criterion_mcl", "aggregator", "loss_weight_network"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert same_logs(read_log(full), read_log(cut))
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("main_layer_mcl_cifar_meta.py", ["--arch", "lmcl_resnet31_cifar"], "lmcl_resnet32_cifar"),
+    ("main_layer_mcl_cifar_meta.py", ["--batch-size", "7"], "must be even"),
+    ("main_layer_mcl_cifar_meta.py", ["--meta-freq", "0"], "--meta-freq must be positive"),
+    ("main_cifar_baseline.py", ["--arch", "resnet31_cifar"], "resnet32_cifar"),
+    ("main_cifar_baseline.py", ["--lr-type", "step"], "invalid choice"),
+])
+def test_bad_flags_fail_clearly_before_writing(tmp_path, script, args, message):
+    result = run_script(script, args + ["--run-dir", tmp_path / "run", "--data-root", tmp_path], check=False)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    result = run_script("main_cifar_baseline.py", ["--data-root", tmp_path / "nowhere", "--run-dir", tmp_path / "r",
+                                                   "--quiet"], check=False)
+    assert result.returncode != 0 and "not found" in result.stderr
+
+
+def test_scripts_run_as_modules():
+    result = subprocess.run([sys.executable, "-m", "mcl.main_layer_mcl_cifar_meta", "--help"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "--fixed-meta-grad" in result.stdout
+
+
+def test_published_tables_are_well_formed():
+    from mcl.published import SMOKE, TABLES
+    assert [t.id for t in TABLES] == ["table8", "table9"]
+    rows = [r for t in TABLES for r in t.rows]
+    assert all(r.match["script"].startswith("mcl/") and (REPO / "mcl" / r.argv[0]).exists() for r in rows)
+    assert {r.value for r in rows if "ResNet-32, L-MCL" in r.name} == {75.82}
+    assert all(set(r.scale_args) == {"smoke", "short"} for r in rows) and SMOKE
