@@ -13,7 +13,6 @@ process's peak RSS on the CPU), forward FLOPs per image of the deployed network 
 achieved training FLOP rate (3x forward FLOPs of all trained networks as an estimate of forward+backward).
 """
 import argparse
-import importlib
 import json
 import resource
 import statistics
@@ -25,7 +24,7 @@ from typing import Callable
 import torch
 
 from common.fast import add_fast_args, autocast, resolve_fast_args
-from common.results import PAPERS
+from common.results import paper_modules
 
 
 @dataclass
@@ -46,16 +45,7 @@ class BenchCase:
 
 
 def all_cases():
-    cases = []
-    for paper in PAPERS:
-        try:
-            module = importlib.import_module(f"{paper}.bench")
-        except ModuleNotFoundError as e:
-            if e.name != f"{paper}.bench":
-                raise
-            continue
-        cases.extend(module.CASES)
-    return cases
+    return [case for module in paper_modules("bench") for case in module.CASES]
 
 
 def _sync(device):

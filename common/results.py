@@ -54,16 +54,20 @@ class Run:
     nproc: int = 1
 
 
-def all_tables():
-    tables = []
+def paper_modules(name):
+    """`<paper>.<name>` for every paper that has such a module (e.g. "published", "bench"), in README order."""
+    modules = []
     for paper in PAPERS:
         try:
-            module = importlib.import_module(f"{paper}.published")
+            modules.append(importlib.import_module(f"{paper}.{name}"))
         except ModuleNotFoundError as e:
-            if e.name != f"{paper}.published":
+            if e.name != f"{paper}.{name}":
                 raise
-            continue
-        tables.extend(module.TABLES)
+    return modules
+
+
+def all_tables():
+    tables = [t for module in paper_modules("published") for t in module.TABLES]
     ids = [t.id for t in tables]
     if len(ids) != len(set(ids)):
         raise RuntimeError(f"duplicate table ids: {ids}")
@@ -71,16 +75,7 @@ def all_tables():
 
 
 def all_smoke_runs():
-    runs = []
-    for paper in PAPERS:
-        try:
-            module = importlib.import_module(f"{paper}.published")
-        except ModuleNotFoundError as e:
-            if e.name != f"{paper}.published":
-                raise
-            continue
-        runs.extend(getattr(module, "SMOKE", ()))
-    return runs
+    return [run for module in paper_modules("published") for run in getattr(module, "SMOKE", ())]
 
 
 def find_table(table_id):
