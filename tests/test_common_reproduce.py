@@ -61,3 +61,15 @@ def test_ddp_helpers_under_torchrun(tmp_path):
     assert "DDP OK" in out.stdout
     with open(tmp_path / "log.jsonl") as f:
         assert [line for line in f] == ['{"epoch": 1, "rank": 0}\n']  # rank 1 wrote nothing
+
+
+@pytest.mark.slow
+def test_smoke_reproduction_runs_every_method_and_compares(tmp_path):
+    """`bash reproduce.sh smoke`: every smoke run finishes, a second call skips them all, the comparison is written."""
+    out = _sh("smoke", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = all_smoke_runs()
+    assert out.stdout.count("exit 0 after") == len(runs)
+    assert (tmp_path / "smoke" / "comparison.md").exists()
+    again = _sh("smoke", "--out", str(tmp_path))
+    assert again.returncode == 0 and again.stdout.count("finished already") == len(runs)
