@@ -14,9 +14,12 @@ achieved training FLOP rate (3x forward FLOPs of all trained networks as an esti
 """
 import argparse
 import json
+import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -72,6 +75,7 @@ def _timed(fn, n, device):
 
 def forward_flops(model, x):
     from torch.utils.flop_counter import FlopCounterMode
+    model = getattr(model, "_orig_mod", model)  # count on the plain module, not a torch.compile wrapper
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -151,6 +155,7 @@ def main(argv=None):
     parser.add_argument("--json", help="write the measurements here")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="ratio B/A per row")
     parser.add_argument("--list", action="store_true", help="list the cases")
+    parser.add_argument("--case-index", type=int, default=None, help=argparse.SUPPRESS)
     add_fast_args(parser)
     args = parser.parse_args(argv)
     if args.compare:
@@ -168,10 +173,31 @@ def main(argv=None):
             print("no case matches the filters", file=sys.stderr)
             return 2
         return 0
+    if args.case_index is not None:  # child process: one case, result to --json
+        rows = [measure(cases[args.case_index], args)]
+        with open(args.json, "w") as f:
+            json.dump(rows, f)
+        return 0
     rows = []
-    for case in cases:
+    for i, case in enumerate(cases):
         print(f"measuring {case.paper} {case.method} {case.arch} ...", file=sys.stderr, flush=True)
-        rows.append(measure(case, args))
+        if len(cases) == 1:
+            rows.append(measure(case, args))
+            continue
+        # Each case in its own process, so peak memory (a process-lifetime figure on the CPU) is the case's own.
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "row.json")
+            argv_child = [a for a in (argv if argv is not None else sys.argv[1:])]
+            if "--json" in argv_child:
+                k = argv_child.index("--json")
+                del argv_child[k:k + 2]
+            code = subprocess.call([sys.executable, "-m", "common.bench", *argv_child, "--case-index", str(i),
+                                    "--json", out])
+            if code != 0:
+                print(f"  failed (exit {code})", file=sys.stderr)
+                continue
+            with open(out) as f:
+                rows.extend(json.load(f))
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:

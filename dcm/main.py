@@ -9,6 +9,12 @@ Every option of the authors' main.py keeps its name, default and meaning; see dc
 released code: one SGD over both networks, rebuilt (momentum reset) at each learning-rate drop, the 24-term loss,
 reflect padding, CIFAR-10 normalisation constants. Unlike it, every head of both networks is evaluated each epoch,
 both networks are checkpointed, and --resume works.
+
+The fast path (common.fast; all off by default, `--fast` turns it all on): --data-on-device keeps CIFAR on the
+device and augments there with the released reflect padding and pad -> flip -> crop order; --amp bf16 runs the
+forwards under autocast while every softmax, CE and KL stays in fp32; --channels-last and --compile prepare the
+networks. Inside the training step nothing waits for the device: losses and accuracies are summed on it and read at
+the print interval (--print_freq) and at the epoch end.
 """
 import argparse
 import json
@@ -19,8 +25,9 @@ import torch.nn as nn
 
 from common.checkpoint import CHECKPOINT_NAME, ResumableEpoch, load_checkpoint, save_checkpoint
 from common.data import cifar_datasets, cifar_test_transform, cifar_train_transform, make_loader
+from common.fast import DeviceCifarLoader, add_fast_args, autocast, prepare_model, resolve_fast_args
 from common.logging import FiniteGuard, RunLogger, add_common_args
-from common.meters import AccuracyMeter, AverageMeter, Timer
+from common.meters import AccuracyMeter, Timer
 from dcm.losses import loss_terms, term_names, total_loss
 from dcm.mobilenet import MobileNet
 from dcm.resnet import WRN, wrn_hyper
@@ -66,8 +73,12 @@ def parse_args(argv=None):
     parser.add_argument("--method", default="dcm", choices=("dcm", "dml", "baseline"),
                         help="dcm: 3 heads per net, 6 CE + 18 cross-network KL; dml: final heads, 2 CE + 2 KL; "
                              "baseline: final heads, CE only (each network trained alone)")
+    parser.add_argument("--print_freq", default=20, type=int,
+                        help="iterations between reads of the running loss (progress bar, NaN check)")
     add_common_args(parser, data_root_default="./data", data_root_flags=("--data-root", "--dataroot"))
+    add_fast_args(parser)
     args = parser.parse_args(argv)
+    resolve_fast_args(args)
 
     try:
         wrn_hyper(args.depth, args.width)
@@ -86,7 +97,9 @@ def parse_args(argv=None):
         parser.error(f"--method {args.method} distils between two networks; --net2 none is for --method baseline")
     if args.dataset.upper().replace("-", "") not in ("CIFAR10", "CIFAR100"):
         parser.error(f"--dataset {args.dataset!r}: valid values are CIFAR10, CIFAR100")
-    for name in ("batch_size", "epochs", "nthread", "ngpu"):
+    if args.compile and args.ngpu > 1:
+        parser.error("--compile (or --fast) with --ngpu > 1: nn.DataParallel cannot replicate a compiled network")
+    for name in ("batch_size", "epochs", "nthread", "ngpu", "print_freq"):
         if getattr(args, name) < (0 if name == "nthread" else 1):
             parser.error(f"--{name} must be positive; got {getattr(args, name)}")
     args.run_dir = args.run_dir or args.save or os.path.join(
@@ -137,6 +150,51 @@ def forward_all(models, x):
     return [list(model(x)) for model in models]
 
 
+def make_optimizer(params, lr, weight_decay):
+    """The released optimizer: one SGD over both networks (net 1's tensors first), no Nesterov."""
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def train_step(models, optimizer, x, y, distill, args, device):
+    """One released iteration: zero_grad, forward net 1 then net 2 on the same batch, the loss, backward, SGD step.
+
+    Under --amp bf16 only the forwards run in autocast: loss_terms casts every logit to fp32, so the softmaxes,
+    CEs and KLs are fp32. Returns the pre-update outputs, the loss terms and the total, all still on the device.
+    """
+    optimizer.zero_grad()
+    with autocast(args, device):
+        outputs = forward_all(models, x)
+    terms = loss_terms(outputs, y, distill)
+    loss = total_loss(terms)
+    loss.backward()
+    optimizer.step()
+    return outputs, terms, loss
+
+
+def to_device(x, y, device, channels_last):
+    x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True).long()
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
+
+
+def cifar_loaders(args, device):
+    """Train and test loaders: the released torchvision pipeline, or the same augmentation on the device.
+
+    Released semantics either way: reflect padding, pad -> flip -> crop, CIFAR-10 normalisation, batch
+    --batch_size for train and test, train shuffled, test in order, no drop_last.
+    """
+    train_set, test_set = cifar_datasets(args.dataset, args.data_root,
+                                         cifar_train_transform(MEAN, STD, "reflect", "pad_flip_crop"),
+                                         cifar_test_transform(MEAN, STD), download=True, flag="--dataroot")
+    if args.data_on_device:
+        common = dict(device=device, mean=MEAN, std=STD, padding_mode="reflect", order="pad_flip_crop",
+                      drop_last=False, seed=args.seed, channels_last=args.channels_last)
+        return (DeviceCifarLoader(train_set, args.batch_size, train=True, shuffle=True, **common),
+                DeviceCifarLoader(test_set, args.batch_size, train=False, shuffle=False, **common))
+    pin = device.type == "cuda"
+    return (make_loader(train_set, args.batch_size, shuffle=True, workers=args.nthread, pin_memory=pin),
+            make_loader(test_set, args.batch_size, shuffle=False, workers=args.nthread, pin_memory=pin))
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -146,27 +204,22 @@ def main(argv=None):
     num_classes = 10 if args.dataset.upper().replace("-", "") == "CIFAR10" else 100
 
     torch.manual_seed(args.seed)
-    train_set, test_set = cifar_datasets(args.dataset, args.data_root,
-                                         cifar_train_transform(MEAN, STD, "reflect", "pad_flip_crop"),
-                                         cifar_test_transform(MEAN, STD), download=True, flag="--dataroot")
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_set, args.batch_size, shuffle=True, workers=args.nthread, pin_memory=pin)
-    test_loader = make_loader(test_set, args.batch_size, shuffle=False, workers=args.nthread, pin_memory=pin)
+    train_loader, test_loader = cifar_loaders(args, device)
 
+    # `nets` are the plain modules (their state_dicts go into checkpoints); `models` are what gets called: the same
+    # modules in channels_last, compiled, or data-parallel as requested.
     nets = [net.to(device) for net in build_networks(args, num_classes)]
     archs = ["wrn"] + ([args.net2] if len(nets) > 1 else [])
-    models = nets
+    models = [prepare_model(net, args) for net in nets]
     if args.ngpu > 1:
         ids = [int(i) for i in args.gpu_id.split(",")] if "," in args.gpu_id else list(range(args.ngpu))
-        models = [nn.DataParallel(net, device_ids=ids[: args.ngpu]) for net in nets]
+        models = [nn.DataParallel(model, device_ids=ids[: args.ngpu]) for model in models]
     params = [p for net in nets for p in net.parameters()]  # net 1 then net 2, as released
     n_parameters = sum(p.numel() for p in params)
     distill = args.method != "baseline"
+    on_device_data = isinstance(train_loader, DeviceCifarLoader)  # draws from its own generator, checkpointed
 
-    def make_optimizer(lr):
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
-
-    optimizer = make_optimizer(args.lr)
+    optimizer = make_optimizer(params, args.lr, args.weight_decay)
     logger = RunLogger(args.run_dir, args, script=SCRIPT, quiet=args.quiet, device=device)
     logger.print(f"==> networks: {' | '.join(archs)}, method {args.method}, parameters: "
                  + ", ".join(f"{net_label(i)} {sum(p.numel() for p in n.parameters()):,}" for i, n in enumerate(nets))
@@ -182,9 +235,12 @@ def main(argv=None):
         ckpt = load_checkpoint(ckpt_path, expect_meta=meta, map_location=device, restore_rng=True)
         for net, state in zip(nets, ckpt["nets"]):
             net.load_state_dict(state)
-        optimizer = make_optimizer(ckpt["optimizer"]["param_groups"][0]["lr"])
+        optimizer = make_optimizer(params, ckpt["optimizer"]["param_groups"][0]["lr"], args.weight_decay)
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, epoch_resume, best = ckpt["epoch"], ckpt.get("epoch_state"), ckpt.get("best", {})
+        loader_state = (epoch_resume or ckpt).get("train_loader")
+        if on_device_data and loader_state is not None:
+            train_loader.load_state_dict({"generator": loader_state["generator"].cpu()})
         logger.truncate_after(start_epoch)
         if os.path.exists(log_txt):
             with open(log_txt) as f:
@@ -196,25 +252,33 @@ def main(argv=None):
 
     def save(epoch, epoch_state=None):
         guard.check(f"epoch {epoch + 1}", ckpt_path if os.path.exists(ckpt_path) else None)
-        save_checkpoint(ckpt_path, {"nets": [net.state_dict() for net in nets], "optimizer": optimizer.state_dict(),
-                                    "epoch": epoch, "epoch_state": epoch_state, "best": best}, meta=meta)
+        state = {"nets": [net.state_dict() for net in nets], "optimizer": optimizer.state_dict(), "epoch": epoch,
+                 "epoch_state": epoch_state, "best": best}
+        if on_device_data:  # where the device loader's generator stands at this epoch end
+            state["train_loader"] = train_loader.state_dict()
+        save_checkpoint(ckpt_path, state, meta=meta)
 
     guard = FiniteGuard()
     names, record = None, None
     for epoch in range(start_epoch, args.epochs):
         if epoch_resume is None and epoch + 1 in args.epoch_step:
             # Released schedule: a brand-new SGD with the decayed lr, so the momentum buffers are dropped.
-            optimizer = make_optimizer(optimizer.param_groups[0]["lr"] * args.lr_decay_ratio)
+            optimizer = make_optimizer(params, optimizer.param_groups[0]["lr"] * args.lr_decay_ratio,
+                                       args.weight_decay)
         for model in models:
             model.train()
         timer = Timer()
-        loss_per_batch, loss_per_sample, term_sums = AverageMeter(), AverageMeter(), None
+        # Running sums kept on the device (read at the print interval and the epoch end). In float64, so that they
+        # equal a Python-float accumulation of loss.item(): [sum of batch losses (the released unweighted
+        # per-batch meter), sum of batch size x batch loss (per-sample mean)].
+        loss_sums, batches_seen, samples_seen = torch.zeros(2, dtype=torch.float64, device=device), 0, 0
+        term_sums = None
         train_acc = {k: AccuracyMeter() for _, _, k in keys}
+        loader_state = train_loader.state_dict() if on_device_data else None  # for a mid-epoch checkpoint
         batches = ResumableEpoch(train_loader, resume=epoch_resume)
         if epoch_resume:  # the epoch's running meters continue where the checkpoint left them
             m = epoch_resume["meters"]
-            vars(loss_per_batch).update(m["loss_per_batch"])
-            vars(loss_per_sample).update(m["loss_per_sample"])
+            loss_sums, batches_seen, samples_seen = m["loss_sums"].to(device), m["batches"], m["samples"]
             term_sums = m["term_sums"].to(device) if m["term_sums"] is not None else None
             for k, state in m["acc"].items():
                 vars(train_acc[k]).update({n: (v.to(device) if torch.is_tensor(v) else v) for n, v in state.items()})
@@ -224,38 +288,37 @@ def main(argv=None):
         for step, (x, y) in progress:
             if args.steps_per_epoch and step >= args.steps_per_epoch:
                 break
-            x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True).long()
-            optimizer.zero_grad()
-            outputs = forward_all(models, x)  # net 1 then net 2, the same augmented batch
-            terms = loss_terms(outputs, y, distill)
-            loss = total_loss(terms)
-            loss.backward()
-            optimizer.step()
+            x, y = to_device(x, y, device, args.channels_last)
+            n = x.size(0)
+            outputs, terms, loss = train_step(models, optimizer, x, y, distill, args, device)
             guard.update(loss)
             names = names or term_names(outputs, distill)
             detached = torch.stack([t.detach() for t in terms])
-            term_sums = detached * x.size(0) if term_sums is None else term_sums + detached * x.size(0)
-            loss_value = loss.item()
-            loss_per_batch.update(loss_value)  # the released meter: unweighted mean over batches
-            loss_per_sample.update(loss_value, x.size(0))
+            term_sums = detached * n if term_sums is None else term_sums + detached * n
+            batch_loss = loss.detach().double()
+            loss_sums += torch.stack([batch_loss, batch_loss * n])
+            batches_seen, samples_seen = batches_seen + 1, samples_seen + n
             for i, h, k in keys:
                 train_acc[k].update(outputs[i][h], y)  # pre-update outputs, as released
-            if hasattr(progress, "set_postfix"):
-                progress.set_postfix(loss=f"{loss_value:.3f}")
+            if (step + 1) % args.print_freq == 0:  # the only host syncs of the loop
+                guard.check(f"epoch {epoch + 1}, step {step + 1}", ckpt_path if os.path.exists(ckpt_path) else None)
+                if hasattr(progress, "set_postfix"):
+                    progress.set_postfix(loss=f"{loss.item():.3f}")
             if args.save_every_steps and (step + 1) % args.save_every_steps == 0:
-                save(epoch, dict(batches.state(step + 1), meters={
-                    "loss_per_batch": vars(loss_per_batch), "loss_per_sample": vars(loss_per_sample),
+                save(epoch, dict(batches.state(step + 1), train_loader=loader_state, meters={
+                    "loss_sums": loss_sums, "batches": batches_seen, "samples": samples_seen,
                     "term_sums": term_sums, "acc": {k: dict(vars(a)) for k, a in train_acc.items()}}))
         guard.check(f"epoch {epoch + 1}", ckpt_path if os.path.exists(ckpt_path) else None)
         train_time = timer.elapsed()
 
-        test = evaluate(models, nets, archs, test_loader, device, args.eval_batches, distill)
+        test = evaluate(models, nets, archs, test_loader, device, args, distill)
         test_time = timer.elapsed() - train_time
+        loss_batch_sum, loss_sample_sum = loss_sums.tolist()
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time": train_time + test_time,
-                  "images_per_s": loss_per_sample.count / max(train_time, 1e-9), "train_time": train_time,
-                  "test_time": test_time, "train/loss": loss_per_sample.avg, "train/loss_per_batch": loss_per_batch.avg}
-        record.update({f"train/{term_key(n)}": v / loss_per_sample.count
-                       for n, v in zip(names, term_sums.tolist())})
+                  "images_per_s": samples_seen / max(train_time, 1e-9), "train_time": train_time,
+                  "test_time": test_time, "train/loss": loss_sample_sum / samples_seen,
+                  "train/loss_per_batch": loss_batch_sum / batches_seen}
+        record.update({f"train/{term_key(n)}": v / samples_seen for n, v in zip(names, term_sums.tolist())})
         record.update({f"train/{k}/top1": train_acc[k].per_sample()[1] for _, _, k in keys})
         record.update(test)
         for k in [k for k in record if k.startswith("test/") and k.endswith("/top1")]:
@@ -271,44 +334,50 @@ def main(argv=None):
 
 
 @torch.no_grad()
-def evaluate(models, nets, archs, loader, device, eval_batches, distill):
+def evaluate(models, nets, archs, loader, device, args, distill):
     """Every head of every network, eval-mode BN; MobileNet also with batch-statistics BN (the released test path).
 
     The released test loss is the method's loss with the WRNs in eval mode and MobileNet in train mode; its
     per-batch unweighted mean is logged as test/loss. MobileNet's batch-statistics pass would write test data into
     its running statistics (the released code let it, and never used them); they are restored afterwards.
+    Losses are summed on the device in float64 (equal to summing their .item()s) and read once at the end.
     """
     keys = head_keys(nets)
     acc = {k: AccuracyMeter() for _, _, k in keys}
-    ce = {k: AverageMeter() for _, _, k in keys}
     mobile = [i for i, a in enumerate(archs) if a == "mobilenet"]
     batch_stats_acc = {k: AccuracyMeter() for i, _, k in keys if i in mobile}
     saved = {i: batch_norm_buffers(nets[i]) for i in mobile}
-    released_loss = AverageMeter()
+    ce_sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # sum of batch size x head CE
+    released_loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of batch losses
+    batches, samples = 0, 0
     for b, (x, y) in enumerate(loader):
-        if eval_batches and b >= eval_batches:
+        if args.eval_batches and b >= args.eval_batches:
             break
-        x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True).long()
+        x, y = to_device(x, y, device, args.channels_last)
         for model in models:
             model.eval()
-        outputs = forward_all(models, x)
-        released = list(outputs)
-        for i in mobile:
-            models[i].train()
-            released[i] = list(models[i](x))
-            models[i].eval()
+        with autocast(args, device):
+            outputs = forward_all(models, x)
+            released = list(outputs)
+            for i in mobile:
+                models[i].train()
+                released[i] = list(models[i](x))
+                models[i].eval()
+        ce = torch.stack([nn.functional.cross_entropy(outputs[i][h].float(), y) for i, h, _ in keys])
+        ce_sums += ce.double() * x.size(0)
         for i, h, k in keys:
             acc[k].update(outputs[i][h], y)
-            ce[k].update(nn.functional.cross_entropy(outputs[i][h].float(), y).item(), x.size(0))
             if i in mobile:
                 batch_stats_acc[k].update(released[i][h], y)
-        released_loss.update(total_loss(loss_terms(released, y, distill)).item())
+        released_loss_sum += total_loss(loss_terms(released, y, distill)).double()
+        batches, samples = batches + 1, samples + x.size(0)
     for i in mobile:
         nets[i].load_state_dict({**nets[i].state_dict(), **saved[i]})
-    record = {"test/loss": released_loss.avg}
-    for _, _, k in keys:
+    record = {"test/loss": released_loss_sum.item() / max(batches, 1)}
+    for (_, _, k), ce_sum in zip(keys, ce_sums.tolist()):
         top = acc[k].per_sample()
-        record.update({f"test/{k}/loss": ce[k].avg, f"test/{k}/top1": top[1], f"test/{k}/top5": top[5]})
+        record.update({f"test/{k}/loss": ce_sum / max(samples, 1), f"test/{k}/top1": top[1],
+                       f"test/{k}/top5": top[5]})
     for k, meter in batch_stats_acc.items():
         top = meter.per_sample()
         name = k.replace("net2", "net2_batchstats", 1)

@@ -21,8 +21,9 @@ from common.checkpoint import CHECKPOINT_NAME, ResumableEpoch, load_checkpoint, 
 from common.data import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, cifar_datasets, cifar_test_transform,
                          cifar_train_transform, imagenet_datasets, imagenet_train_transform, imagenet_val_transform,
                          make_loader)
+from common.fast import DeviceCifarLoader, add_fast_args, prepare_model, resolve_fast_args
 from common.logging import FiniteGuard, RunLogger, add_common_args
-from common.meters import AccuracyMeter, AverageMeter, Timer
+from common.meters import AccuracyMeter, Timer
 from okddip.models import check_arch
 from okddip.students import diversity_dist, student_logits
 
@@ -48,6 +49,7 @@ def base_parser(description):
                                                  "CUDA_VISIBLE_DEVICES")
     p.add_argument("--seed", type=int, default=None, help="seed torch/NumPy/random (the released code sets none)")
     add_common_args(p, data_root_default="./Data")
+    add_fast_args(p)
     return p
 
 
@@ -60,6 +62,7 @@ def check_args(args):
         check_arch(args.model, args.dataset)
     except ValueError as e:
         raise SystemExit(f"--model: {e}")
+    resolve_fast_args(args)
     if args.seed is not None:  # before the model is built, so the initial weights follow the seed too
         import random
         torch.manual_seed(args.seed)
@@ -83,16 +86,29 @@ def count_classes(args):
 
 
 def data(args, ctx):
+    """Train/test loaders as released (PIL pipeline, shuffled train, sequential test, drop_last False), or with
+    --data-on-device the same semantics with CIFAR held on the device: zero padding, crop then flip, the dataset's
+    normalisation, the same batch size; DDP processes draw their shards from a DistributedSampler either way."""
+    batch = dist.per_process_batch(args.batch_size, ctx)
     if args.dataset == "imagenet":
         train, test = imagenet_datasets(args.data_root, imagenet_train_transform(), imagenet_val_transform())
         num_classes = len(train.classes)
     else:
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if args.dataset == "CIFAR10" else (CIFAR100_MEAN, CIFAR100_STD)
+        num_classes = 10 if args.dataset == "CIFAR10" else 100
+        if args.data_on_device:
+            train, test = cifar_datasets(args.dataset, args.data_root, None, None)
+            sampler = dist.train_sampler(train, ctx, shuffle=True, seed=args.seed or 0)
+            train_loader = DeviceCifarLoader(train, batch, ctx.device, mean, std, train=True, padding_mode="constant",
+                                             order="crop_flip", shuffle=True, drop_last=False, sampler=sampler,
+                                             seed=args.seed or 0, channels_last=args.channels_last)
+            test_loader = DeviceCifarLoader(test, batch, ctx.device, mean, std, train=False,
+                                            sampler=dist.train_sampler(test, ctx, shuffle=False),
+                                            channels_last=args.channels_last)
+            return train_loader, test_loader, num_classes
         train, test = cifar_datasets(args.dataset, args.data_root, cifar_train_transform(mean, std, "constant",
                                                                                           "crop_flip"),
                                      cifar_test_transform(mean, std))
-        num_classes = 10 if args.dataset == "CIFAR10" else 100
-    batch = dist.per_process_batch(args.batch_size, ctx)
     pin = ctx.device.type == "cuda"
     sampler = dist.train_sampler(train, ctx, shuffle=True, seed=args.seed or 0)
     train_loader = make_loader(train, batch, shuffle=True, workers=args.num_workers, pin_memory=pin, sampler=sampler)
@@ -102,8 +118,51 @@ def data(args, ctx):
     return train_loader, test_loader, num_classes
 
 
-def flatten_terms(terms, names):
-    """Loss-term dict of okddip.losses -> flat {log name: float}; list entries get the students' names."""
+def make_optimizer(model, args):
+    """Nesterov SGD, momentum 0.9, weight decay on every parameter, one group (as released)."""
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
+
+
+def optimize(net, optimizer, step, x, y, epoch):
+    """One training iteration: the script's forward and loss, backward, SGD step. Nothing here waits for the device."""
+    loss, terms, out = step(net, x, y, epoch)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss, terms, out
+
+
+class DeviceMeans:
+    """Per-batch means of named scalar tensors, summed on the device in float64 (the same additions as the released
+    Python-float running averages) and read once, at the epoch end: no host sync per step."""
+
+    def __init__(self):
+        self.names, self.sums, self.count = None, None, 0
+
+    def update(self, values):
+        if self.names is None:
+            self.names = list(values)
+        elif list(values) != self.names:
+            raise ValueError(f"logged terms changed within an epoch: {list(values)} vs {self.names}")
+        row = torch.stack([torch.as_tensor(v).detach().float() for v in values.values()]).double()
+        self.sums = row if self.sums is None else self.sums + row
+        self.count += 1
+
+    def totals(self):
+        """{name: (sum, count)} as floats."""
+        if self.names is None:
+            return {}
+        return {k: (s, self.count) for k, s in zip(self.names, self.sums.tolist())}
+
+    def state_dict(self):
+        return {"names": self.names, "sums": self.sums, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.names, self.sums, self.count = state["names"], state["sums"], state["count"]
+
+
+def term_tensors(terms, names):
+    """Loss-term dict of okddip.losses -> flat {log name: 0-d tensor}; list entries get the students' names."""
     rename = {"total_loss": "loss", "logged_train_true_loss": "true_loss", "logged_train_group_loss": "group_loss",
               "logged_train_teacher_loss": "teacher_loss", "ce_leader": "ce/leader", "kl_leader_T2": "kl/leader",
               "ce_gated_ensemble": "ce/gated"}
@@ -113,22 +172,21 @@ def flatten_terms(terms, names):
             continue
         if isinstance(value, list):
             for name, v in zip(names, value):
-                flat[f"{key.split('_')[0]}/{name}"] = float(torch.as_tensor(v).detach())
+                flat[f"{key.split('_')[0]}/{name}"] = v
         else:
-            flat[rename.get(key, key)] = float(torch.as_tensor(value).detach())
+            flat[rename.get(key, key)] = value
     return flat
 
 
-def attention_summary(out, meters):
-    """Epoch mean of the attention matrix (alpha_ab) and of its diagonal (the weight a peer gives itself)."""
+def attention_terms(out):
+    """Batch mean of the attention matrix (alpha_ab) and of its diagonal (the weight a peer gives itself)."""
     att = out.get("attention")
     if att is None:
-        return
+        return {}
     mean = att.detach().mean(0)
-    for a in range(mean.size(0)):
-        for b in range(mean.size(1)):
-            meters.setdefault(f"attention/{a}{b}", AverageMeter()).update(mean[a, b])
-    meters.setdefault("attention_self", AverageMeter()).update(mean.diagonal().mean())
+    terms = {f"attention/{a}{b}": mean[a, b] for a in range(mean.size(0)) for b in range(mean.size(1))}
+    terms["attention_self"] = mean.diagonal().mean()
+    return terms
 
 
 def default_run_dir(args, sub):
@@ -142,9 +200,12 @@ def train(args, script, method, model, step, meta, select, run_dir_default, ramp
     args.run_dir = run_dir
     train_loader, test_loader, _ = data(args, ctx)
     model = model.to(ctx.device)
+    if args.channels_last:  # before DDP builds its gradient buckets
+        model = model.to(memory_format=torch.channels_last)
     # the released ONE --ind leaves the gate without gradient; DDP must be told
-    ddp_model = dist.wrap_ddp(model, ctx, find_unused_parameters=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
+    # `net` is what runs (DDP and/or compiled); `model` is the plain module whose state_dict is saved
+    net = prepare_model(dist.wrap_ddp(model, ctx, find_unused_parameters=True), args)
+    optimizer = make_optimizer(model, args)
     logger = RunLogger(run_dir, args, script=script, enabled=ctx.is_main, quiet=args.quiet, device=ctx.device)
     n_params = sum(p.numel() for p in model.parameters())
     logger.print(f"{script}: {args.model} on {args.dataset}, Total params: {n_params / 1e6:.2f}M, run dir {run_dir}")
@@ -156,6 +217,8 @@ def train(args, script, method, model, step, meta, select, run_dir_default, ramp
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, epoch_resume = ckpt["epoch"], ckpt.get("epoch_state")
+        if isinstance(train_loader, DeviceCifarLoader):  # its own generator: augmentation and order
+            train_loader.load_state_dict((epoch_resume or ckpt)["loader"])
         best, best_metrics = ckpt["best"], ckpt.get("best_metrics")
         logger.truncate_after(start_epoch)
         logger.print(f"resumed from {ckpt_path} at epoch {start_epoch}" +
@@ -164,11 +227,13 @@ def train(args, script, method, model, step, meta, select, run_dir_default, ramp
     guard = FiniteGuard()
 
     def save(epoch, epoch_state=None):
+        loader_state = {"loader": train_loader.state_dict()} if isinstance(train_loader, DeviceCifarLoader) else {}
         guard.check(f"epoch {epoch + 1}", ckpt_path if os.path.exists(ckpt_path) else None)
         if ctx.is_main:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "epoch": epoch, "epoch_state": epoch_state, "best": best,
-                                        "best_metrics": best_metrics, **(extra_state or {})}, meta=meta)
+                                        "best_metrics": best_metrics, **loader_state, **(extra_state or {})},
+                            meta=meta)
 
     steps_done = 0
     for epoch in range(start_epoch, args.num_epochs):
@@ -179,8 +244,14 @@ def train(args, script, method, model, step, meta, select, run_dir_default, ramp
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         timer = Timer()
-        ddp_model.train()
-        meters, accs, images = {}, {}, 0
+        net.train()
+        means, accs, images = DeviceMeans(), {}, 0
+        if epoch_resume:  # the epoch's running metrics continue where the checkpoint left them
+            means.load_state_dict(epoch_resume["means"])
+            for name, state in epoch_resume["accs"].items():
+                vars(accs.setdefault(name, AccuracyMeter())).update(state)
+            images = epoch_resume["images"]
+        loader_at_start = train_loader.state_dict() if isinstance(train_loader, DeviceCifarLoader) else None
         batches = ResumableEpoch(train_loader, resume=epoch_resume)
         epoch_resume = None
         total = min(len(train_loader), args.steps_per_epoch or len(train_loader))
@@ -188,32 +259,32 @@ def train(args, script, method, model, step, meta, select, run_dir_default, ramp
             if args.steps_per_epoch and i >= args.steps_per_epoch:
                 break
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            loss, terms, out = step(ddp_model, x, y, epoch)
+            loss, terms, out = optimize(net, optimizer, step, x, y, epoch)
             logits, individuals = student_logits(method, out) if method else ({"net": out["pro"]}, ["net"])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
             guard.update(loss)
-            for k, v in flatten_terms(terms, individuals).items():
-                meters.setdefault(k, AverageMeter()).update(v)  # per-batch mean, as the released RunningAverage
-            attention_summary(out, meters)
+            # per-batch means, as the released RunningAverage; summed on the device
+            means.update(dict(term_tensors(terms, individuals), **attention_terms(out)))
             for name, z in logits.items():
                 accs.setdefault(name, AccuracyMeter()).update(z, y)
             images += x.size(0)
             steps_done += 1
             if args.save_every_steps and (i + 1) % args.save_every_steps == 0:
-                save(epoch, batches.state(i + 1))
+                state = dict(batches.state(i + 1), means=means.state_dict(), images=images,
+                             accs={name: dict(vars(m)) for name, m in accs.items()})
+                if loader_at_start is not None:
+                    state["loader"] = loader_at_start
+                save(epoch, state)
             if kill_at and steps_done == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         record = {"epoch": epoch + 1, "lr": lr}
         if w is not None:
             record["train/ramp"] = w
-        record.update({f"train/{k}": m.avg for k, m in meters.items()})
+        record.update({f"train/{k}": total / n for k, (total, n) in means.totals().items()})
         for name, meter in accs.items():
             record[f"train/{name}/top1"] = meter.per_batch_mean()[1]
         if method and individuals:
             record["train/mean/top1"] = float(np.mean([record[f"train/{n}/top1"] for n in individuals]))
-        record.update(evaluate(args, ddp_model, test_loader, step, method, epoch, ctx))
+        record.update(evaluate(args, net, test_loader, step, method, epoch, ctx))
         seconds = timer.elapsed()
         record.update(epoch_time=seconds, images_per_s=images * ctx.world_size / max(seconds, 1e-9))
         is_best = record[select] >= best  # ties go to the later epoch, as released
@@ -252,7 +323,7 @@ def evaluate(args, model, loader, step, method, epoch, ctx):
     """Test losses (same terms and ramp weight as training), every student's top-1/top-5 as the unweighted mean
     over test batches (released) and per sample, the mean of the individual students, and `dist`."""
     model.eval()
-    meters, accs, dist_sum, dist_n = {}, {}, 0.0, 0
+    means, accs, dist_sum, dist_n = DeviceMeans(), {}, 0.0, 0
     individuals = ["net"]
     for i, (x, y) in enumerate(loader):
         if args.eval_batches and i >= args.eval_batches:
@@ -260,17 +331,16 @@ def evaluate(args, model, loader, step, method, epoch, ctx):
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         loss, terms, out = step(model, x, y, epoch)
         logits, individuals = student_logits(method, out) if method else ({"net": out["pro"]}, ["net"])
-        for k, v in flatten_terms(terms, individuals).items():
-            meters.setdefault(k, AverageMeter()).update(v)
         for name, z in logits.items():
             accs.setdefault(name, AccuracyMeter()).update(z, y)
-            meters.setdefault(f"{name}/loss", AverageMeter()).update(F.cross_entropy(z, y).item())
+        means.update(dict(term_tensors(terms, individuals),
+                          **{f"{name}/loss": F.cross_entropy(z.float(), y) for name, z in logits.items()}))
         if method and len(individuals) >= 2:
             s, n = diversity_dist([logits[k] for k in individuals])
-            dist_sum, dist_n = dist_sum + float(s), dist_n + n
+            dist_sum, dist_n = dist_sum + s.double(), dist_n + n
     record = {}
-    for k, m in meters.items():
-        total = dist.all_reduce_sum(torch.tensor([m.sum, m.count], dtype=torch.float64), ctx)
+    for k, (total, n) in means.totals().items():
+        total = dist.all_reduce_sum(torch.tensor([total, n], dtype=torch.float64), ctx)
         record[f"test/{k}"] = float(total[0] / total[1].clamp_min(1))
     for name, meter in accs.items():
         sums = dist.all_reduce_sum(torch.cat([meter.batch_acc_sum.double().cpu(), meter.correct.double().cpu(),
@@ -285,6 +355,6 @@ def evaluate(args, model, loader, step, method, epoch, ctx):
         record["test/mean/top1"] = float(np.mean([record[f"test/{n}/top1"] for n in individuals]))
         record["test/mean/top5"] = float(np.mean([record[f"test/{n}/top5"] for n in individuals]))
         if dist_n:
-            total = dist.all_reduce_sum(torch.tensor([dist_sum, dist_n], dtype=torch.float64), ctx)
+            total = dist.all_reduce_sum(torch.tensor([float(dist_sum), dist_n], dtype=torch.float64), ctx)
             record["test/dist"] = float(total[0] / total[1])
     return record

@@ -1,4 +1,6 @@
 """Every loss of the released scripts as small pure functions. Nothing is detached unless stated.
+Logits are taken in float32 (`.float()`, a no-op on the default path), so under --amp bf16 every softmax,
+log-softmax, cross-entropy and KL term is still computed in float32.
 
 Notation: z logits (B x C), y labels, T temperature, w ramp weight, alpha distillation weight.
 Each method returns (total loss, dict of named terms); the dicts' logged_* entries are what the released scripts put
@@ -12,13 +14,13 @@ import torch.nn.functional as F
 
 def kl_t(student, target, T):
     # KL_T(s; t) = T^2 / B * sum q (log q - log_softmax(s/T)),  q = softmax(t/T) + 1e-7 (not renormalised)
-    q = F.softmax(target / T, dim=1) + 1e-7
-    return T * T * F.kl_div(F.log_softmax(student / T, dim=1), q, reduction="batchmean")
+    q = F.softmax(target.float() / T, dim=1) + 1e-7
+    return T * T * F.kl_div(F.log_softmax(student.float() / T, dim=1), q, reduction="batchmean")
 
 
 def ce_t(student, target, T):
     # CE_T(s; t) = -T^2 / B * sum softmax(t/T) log_softmax(s/T)   (--loss CE)
-    return -T * T * (F.softmax(target / T, dim=1) * F.log_softmax(student / T, dim=1)).sum(1).mean()
+    return -T * T * (F.softmax(target.float() / T, dim=1) * F.log_softmax(student.float() / T, dim=1)).sum(1).mean()
 
 
 def distill(kind, T):
@@ -46,7 +48,8 @@ def okddip_loss(out, y, w, alpha=1.0, T=3.0, kind="KL"):
     out["num_peers"] columns (default: all); the leader target averages every returned column, which differs from
     the peers only for the released shared-block DenseNet (its forward returns all m branches as columns)."""
     dis = distill(kind, T)
-    pro, x_m, leader = out["pro"], out["x_m"], out.get("leader")
+    pro, x_m, leader = out["pro"].float(), out["x_m"].float(), out.get("leader")
+    leader = None if leader is None else leader.float()
     peers = out.get("num_peers", pro.size(-1))
     ce_peer = [F.cross_entropy(pro[:, :, a], y) for a in range(peers)]
     kl_peer = [dis(pro[:, :, a], x_m[:, :, a]) for a in range(peers)]
@@ -65,7 +68,8 @@ def one_loss(out, y, w, alpha=1.0, T=3.0, kind="KL"):
     """ONE:    L = sum_i CE(z_i) + CE(x_m) + alpha w sum_i KL_T(z_i; x_m), x_m the gated ensemble (B x C).
     CL-ILR: L = sum_i CE(z_i) + alpha w sum_i KL_T(z_i; mean_{j != i} z_j)  (x_m is B x C x m).
     ind:    L = sum_i CE(z_i)  (x_m is None; group loss logged as 0)."""
-    pro, x_m = out["pro"], out["x_m"]
+    pro, x_m = out["pro"].float(), out["x_m"]
+    x_m = None if x_m is None else x_m.float()
     ce_branch = [F.cross_entropy(pro[:, :, i], y) for i in range(pro.size(-1))]
     terms = {"ce_branch": ce_branch, "consistency_weight": w}
     true_loss = sum(ce_branch)
@@ -88,7 +92,7 @@ def one_loss(out, y, w, alpha=1.0, T=3.0, kind="KL"):
 def dml_loss(out, y, T=3.0, kind="KL", pairwise=False):
     """Default ("ensemble first"): L = sum_j CE(z_j) + sum_j KL_T(z_j; mean_{k != j} z_k).
     --type (pairwise):          L = sum_j CE(z_j) + sum_j sum_{k != j} KL_T(z_j; z_k) / (m - 1).  No ramp, no alpha."""
-    pro = out["pro"]
+    pro = out["pro"].float()
     m = pro.size(-1)
     dis = distill(kind, T)
     ce = [F.cross_entropy(pro[:, :, j], y) for j in range(m)]
@@ -103,6 +107,7 @@ def dml_loss(out, y, T=3.0, kind="KL", pairwise=False):
 
 def kd_loss(student, teacher, y, alpha=1.0, T=3.0, kind="KL"):
     """L = CE(z_s) + alpha KL_T(z_s; z_t), z_t from the frozen teacher (computed under no_grad by the caller)."""
+    student, teacher = student.float(), teacher.float()
     ce = F.cross_entropy(student, y)
     kd = distill(kind, T)(student, teacher)
     total = ce + alpha * kd

@@ -25,7 +25,7 @@ def student_logits(method, out):
 def diversity_dist(logits_list):
     """The released `dist`: per image, the summed pairwise L2 distance between the softmax outputs of the first
     three students, divided by 3 (hard-coded), averaged over images. Returns (sum over images, images)."""
-    probs = [torch.softmax(z, dim=1) for z in logits_list[:3]]
+    probs = [torch.softmax(z.float(), dim=1) for z in logits_list[:3]]
     pd = nn.PairwiseDistance(p=2)
     total = sum(pd(probs[a], probs[b]) for a in range(len(probs)) for b in range(a + 1, len(probs)))
     return (total / 3).sum(), probs[0].size(0)

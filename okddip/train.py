@@ -5,22 +5,34 @@
 """
 import torch.nn.functional as F
 
+from common.fast import autocast
 from okddip.engine import base_parser, check_args, count_classes, default_run_dir, train
 from okddip.models import plain_network
 
 SCRIPT = "okddip/train.py"
 
 
-def main(argv=None):
-    p = base_parser(__doc__)
-    args = p.parse_args(argv)
-    check_args(args)
-    model = plain_network(args.model, count_classes(args), dropout=args.dropout)
+def parser():
+    return base_parser(__doc__)
+
+
+def build(args, num_classes):
+    """The model and step(net, x, y, epoch) -> (loss, terms, out): forward (autocast when --amp), then the loss."""
+    model = plain_network(args.model, num_classes, dropout=args.dropout)
 
     def step(net, x, y, epoch):
-        z = net(x)
-        loss = F.cross_entropy(z, y)  # L = CE(z, y)
+        with autocast(args, x.device):
+            z = net(x)
+        loss = F.cross_entropy(z.float(), y)  # L = CE(z, y)
         return loss, {"total_loss": loss}, {"pro": z}
+
+    return model, step
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    check_args(args)
+    model, step = build(args, count_classes(args))
 
     train(args, SCRIPT, None, model, step, {"method": "baseline"}, "test/net/top1",
           default_run_dir(args, f"{args.model}{args.version}"))

@@ -8,6 +8,7 @@
 L = sum_a CE(z_a) + CE(z_L) + alpha w(e) (sum_a KL_T(z_a; sum_b alpha_ab z_b) + KL_T(z_L; mean_a z_a)).
 best.pth follows the leader's test top-1 (with --ensemble: the peers' mean-logit ensemble).
 """
+from common.fast import autocast
 from okddip.engine import base_parser, check_args, count_classes, default_run_dir, train
 from okddip.losses import okddip_loss, ramp_weight
 from okddip.models import IndependentNets, OKDDipBranches
@@ -15,7 +16,7 @@ from okddip.models import IndependentNets, OKDDipBranches
 SCRIPT = "okddip/train_GL.py"
 
 
-def main(argv=None):
+def parser():
     p = base_parser(__doc__)
     p.add_argument("--num_branches", type=int, default=4, help="students: num_branches - 1 peers + 1 leader")
     p.add_argument("--loss", default="KL", choices=["KL", "CE"])
@@ -33,13 +34,11 @@ def main(argv=None):
     p.add_argument("--densenet_shared_block", type=int, default=1, choices=[0, 1],
                    help="1 (released): all DenseNet branches share one last dense block and the released forward "
                         "quirks; 0: independent blocks")
-    args = p.parse_args(argv)
-    check_args(args)
-    if args.num_branches < (2 if args.ensemble else 3):
-        p.error(f"--num_branches {args.num_branches}: OKDDip needs at least two peers and a leader (3), "
-                f"or 2 peers with --ensemble")
+    return p
 
-    num_classes = count_classes(args)
+
+def build(args, num_classes):
+    """The model and step(net, x, y, epoch) -> (loss, terms, out): forward (autocast when --amp), then the loss."""
     if args.MulStu:
         model = IndependentNets(args.model, num_classes, args.num_branches, dropout=args.dropout, attention=True,
                                 ensemble=args.ensemble)
@@ -50,10 +49,22 @@ def main(argv=None):
     ramp = lambda e: ramp_weight(e, args.num_epochs, args.start_consistency, args.length)
 
     def step(net, x, y, epoch):
-        out = net(x)
+        with autocast(args, x.device):
+            out = net(x)
         loss, terms = okddip_loss(out, y, ramp(epoch), args.alpha, args.temperature, args.loss)
         return loss, terms, out
 
+    return model, step, ramp
+
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    check_args(args)
+    if args.num_branches < (2 if args.ensemble else 3):
+        p.error(f"--num_branches {args.num_branches}: OKDDip needs at least two peers and a leader (3), "
+                f"or 2 peers with --ensemble")
+    model, step, ramp = build(args, count_classes(args))
     tag = f"{args.model}{'M' if args.MulStu else 'B'}{args.num_branches}T{args.temperature}S{args.loss}" \
           f"{'E' if args.ensemble else ''}{args.version}"
     meta = {"method": "okddip", "num_branches": args.num_branches, "MulStu": args.MulStu, "ensemble": args.ensemble}

@@ -11,6 +11,7 @@ import os
 import torch
 
 from common.checkpoint import CheckpointError, load_state_dict_checked
+from common.fast import autocast
 from okddip.engine import base_parser, check_args, count_classes, train
 from okddip.losses import kd_loss
 from okddip.models import check_arch, plain_network
@@ -35,7 +36,7 @@ def load_teacher(arch, path, num_classes, device):
     return teacher.to(device).eval()
 
 
-def main(argv=None):
+def parser():
     p = base_parser(__doc__)
     p.add_argument("--T_model", default="resnet110", help="teacher architecture")
     p.add_argument("--T_model_path", default="", help="folder with the teacher's best.pth (default "
@@ -45,6 +46,26 @@ def main(argv=None):
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--teacher_untrained", action="store_true",
                    help="use a freshly initialised teacher instead of --T_model_path (smoke runs only)")
+    return p
+
+
+def build(args, num_classes, teacher):
+    """The student and step(net, x, y, epoch) -> (loss, terms, out): both forwards (autocast when --amp), the loss."""
+    model = plain_network(args.model, num_classes, dropout=args.dropout)
+
+    def step(net, x, y, epoch):
+        with autocast(args, x.device):
+            z = net(x)
+            with torch.no_grad():
+                z_t = teacher(x)
+        loss, terms = kd_loss(z, z_t, y, args.alpha, args.temperature, args.loss)
+        return loss, terms, {"pro": z}
+
+    return model, step
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     check_args(args)
     try:
@@ -61,14 +82,9 @@ def main(argv=None):
         teacher = plain_network(args.T_model, num_classes).to(device).eval()
     else:
         teacher = load_teacher(args.T_model, path, num_classes, device)
-    model = plain_network(args.model, num_classes, dropout=args.dropout)
-
-    def step(net, x, y, epoch):
-        z = net(x)
-        with torch.no_grad():
-            z_t = teacher(x)
-        loss, terms = kd_loss(z, z_t, y, args.alpha, args.temperature, args.loss)
-        return loss, terms, {"pro": z}
+    if args.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    model, step = build(args, num_classes, teacher)
 
     run_dir = os.path.join(args.dataset, str(args.num_epochs), "kd",
                            f"{args.T_model}{args.model}{args.loss}{args.version}")

@@ -8,6 +8,7 @@ ONE:    L = sum_i CE(z_i) + CE(x_m) + alpha w(e) sum_i KL_T(z_i; x_m), x_m = sum
 CL-ILR: L = sum_i CE(z_i) + alpha w(e) sum_i KL_T(z_i; mean_{j != i} z_j), trunk gradient / m.
 best.pth follows the mean of the branches' test top-1.
 """
+from common.fast import autocast
 from okddip.engine import base_parser, check_args, count_classes, default_run_dir, train
 from okddip.losses import one_loss, ramp_weight
 from okddip.models import ONEBranches
@@ -15,7 +16,7 @@ from okddip.models import ONEBranches
 SCRIPT = "okddip/train_one.py"
 
 
-def main(argv=None):
+def parser():
     p = base_parser(__doc__)
     p.add_argument("--num_branches", type=int, default=4)
     p.add_argument("--loss", default="KL", choices=["KL", "CE"])
@@ -33,22 +34,33 @@ def main(argv=None):
                    help="ONE gate BatchNorm1d weight: U(0,1) as in the authors' torch 1.0.1, or 1 (torch >= 1.2)")
     p.add_argument("--vgg_double_pass", type=int, default=1, choices=[0, 1],
                    help="1 (released): VGG ONE runs every branch twice per forward; 0: once")
-    args = p.parse_args(argv)
-    check_args(args)
-    if args.num_branches < 2:
-        p.error(f"--num_branches {args.num_branches}: ONE/CL-ILR need at least 2 branches")
+    return p
 
-    model = ONEBranches(args.model, count_classes(args), args.num_branches, ind=args.ind, avg=args.avg,
+
+def build(args, num_classes):
+    """The model and step(net, x, y, epoch) -> (loss, terms, out): forward (autocast when --amp), then the loss."""
+    model = ONEBranches(args.model, num_classes, args.num_branches, ind=args.ind, avg=args.avg,
                         bpscale=args.bpscale, branch_dropout=args.branch_dropout,
                         shared_block=bool(args.densenet_shared_block), gate_bn_init=args.gate_bn_init,
                         vgg_double_pass=bool(args.vgg_double_pass))
     ramp = lambda e: ramp_weight(e, args.num_epochs, args.start_consistency, args.length)
 
     def step(net, x, y, epoch):
-        out = net(x)
+        with autocast(args, x.device):
+            out = net(x)
         loss, terms = one_loss(out, y, ramp(epoch), args.alpha, args.temperature, args.loss)
         return loss, terms, out
 
+    return model, step, ramp
+
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    check_args(args)
+    if args.num_branches < 2:
+        p.error(f"--num_branches {args.num_branches}: ONE/CL-ILR need at least 2 branches")
+    model, step, ramp = build(args, count_classes(args))
     tag = f"{args.model}B{args.num_branches}T{args.temperature}I{args.ind}avg{args.avg}bpscale{args.bpscale}" \
           f"{args.version}"
     meta = {"method": "one", "num_branches": args.num_branches, "ind": args.ind, "avg": args.avg,

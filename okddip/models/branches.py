@@ -174,6 +174,12 @@ def plain_network(arch, num_classes, dropout=0.0, KD=False):
 
 
 # -------------------------------------------------------------------------------------------------- attention ----
+def float32(t):
+    """Autocast off: under --amp bf16 the attention, the gate and the targets built from logits stay in float32
+    (a softmax over a few scores and sums of logits; their inputs are cast with .float(), a no-op in float32)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def peer_attention(h, query, key):
     """alpha_ab = softmax_b(q_a . k_b), q = W_L h, k = W_E h; plain dot product, self included (h: B x P x F)."""
     q, k = query(h), key(h)
@@ -237,10 +243,12 @@ class OKDDipBranches(nn.Module):
         t = self.fam.run_trunk(self, x)
         num_peers = self.num_branches if (self.ensemble or self.dense_quirk) else self.num_branches - 1
         hs, zs = zip(*[self.branch(i, t) for i in range(num_peers)])
-        h, pro = torch.stack(hs, 1), torch.stack(zs, -1)
-        q, k, energy, attention = peer_attention(h, self.query_weight, self.key_weight)
-        out = {"pro": pro, "x_m": aggregate(pro, attention), "peer_features_h": h, "query_proj": q, "key_proj": k,
-               "energy": energy, "attention": attention}
+        with float32(x):
+            h, pro = torch.stack(hs, 1).float(), torch.stack(zs, -1).float()
+            q, k, energy, attention = peer_attention(h, self.query_weight, self.key_weight)
+            x_m = aggregate(pro, attention)
+        out = {"pro": pro, "x_m": x_m, "peer_features_h": h, "query_proj": q, "key_proj": k, "energy": energy,
+               "attention": attention}
         if self.ensemble:
             return out
         last = self.num_branches - 1
@@ -299,15 +307,18 @@ class ONEBranches(nn.Module):
         out = {"pro": pro}
         if self.ind:
             out["x_m"] = None
-        elif self.avg:
-            m = self.num_branches
-            out["x_m"] = (pro.sum(-1, keepdim=True) - pro) / (m - 1)
-        else:
-            pooled = F.adaptive_avg_pool2d(t, 1).flatten(1)
-            pre = self.bn_v1(self.control_v1(pooled))
-            gate = F.softmax(F.relu(pre), dim=1)
-            out.update(x_m=(pro * gate.unsqueeze(1)).sum(-1), gate_input_pooled_shared_features=pooled,
-                       gate_bn_output_prerelu=pre, gate_weights=gate)
+            return out
+        with float32(x):
+            pro = out["pro"] = pro.float()
+            if self.avg:
+                m = self.num_branches
+                out["x_m"] = (pro.sum(-1, keepdim=True) - pro) / (m - 1)
+            else:
+                pooled = F.adaptive_avg_pool2d(t.float(), 1).flatten(1)
+                pre = self.bn_v1(self.control_v1(pooled))
+                gate = F.softmax(F.relu(pre), dim=1)
+                out.update(x_m=(pro * gate.unsqueeze(1)).sum(-1), gate_input_pooled_shared_features=pooled,
+                           gate_bn_output_prerelu=pre, gate_weights=gate)
         return out
 
 
@@ -338,10 +349,12 @@ class IndependentNets(nn.Module):
         if not self.attention:
             return {"pro": torch.stack(zs, -1)}
         num_peers = self.num_branches if self.ensemble else self.num_branches - 1
-        h, pro = torch.stack(hs[:num_peers], 1), torch.stack(zs[:num_peers], -1)
-        q, k, energy, attention = peer_attention(h, self.query_weight, self.key_weight)
-        out = {"pro": pro, "x_m": aggregate(pro, attention), "peer_features_h": h, "query_proj": q, "key_proj": k,
-               "energy": energy, "attention": attention}
+        with float32(x):
+            h, pro = torch.stack(hs[:num_peers], 1).float(), torch.stack(zs[:num_peers], -1).float()
+            q, k, energy, attention = peer_attention(h, self.query_weight, self.key_weight)
+            x_m = aggregate(pro, attention)
+        out = {"pro": pro, "x_m": x_m, "peer_features_h": h, "query_proj": q, "key_proj": k, "energy": energy,
+               "attention": attention}
         if not self.ensemble:
             out["leader"], out["leader_features_h"] = zs[-1], hs[-1]
         return out
