@@ -1,4 +1,5 @@
-"""One L-MCL iteration on CIFAR: the ordinary training loss (spec 3.2-3.6) and the bilevel meta step (3.7).
+"""One L-MCL iteration: the ordinary training loss (spec 3.2-3.6) and the bilevel meta step (3.7). The contrastive
+part is CIFAR's in-batch contrast unless a caller passes its own (ImageNet's memory-bank contrast, mcl/memory_bank.py).
 
 The meta step is functional (torch.func.functional_call): the virtual trajectory theta_0 -> theta_3 lives in
 tensors of its own, so the real parameters need no snapshot/rollback. What the authors' in-place version leaves
@@ -12,9 +13,10 @@ from torch.func import functional_call
 from mcl.losses import distill_kl, mcl_loss, stage_ce_sum
 
 
-def training_loss(pair, embed_heads, aggregator, weight_net, x, y, args):
+def training_loss(pair, embed_heads, aggregator, weight_net, x, y, args, contrast=None):
     """Forward everything and return every term of L = L_cls + L_kd + L_MCL (weights of the weight-net held
-    constant, as in the ordinary step), plus the outputs."""
+    constant, as in the ordinary step), plus the outputs. `contrast(embeddings, weights)` replaces the in-batch
+    contrast of CIFAR when given."""
     features, logits = pair(x)
     with torch.no_grad():
         weights = weight_net(features)
@@ -26,7 +28,10 @@ def training_loss(pair, embed_heads, aggregator, weight_net, x, y, args):
     kd_terms = [[distill_kl(net[-1], agg.detach(), args.kd_T) for agg in aggregated] for net in logits]
     loss_kd = sum(sum(row) for row in kd_terms)
     embeddings = embed_heads(features)
-    mcl = mcl_loss(embeddings, weights, y, args.tau, args.kd_T, args.alpha, args.gamma, args.beta, args.lam)
+    if contrast is None:
+        mcl = mcl_loss(embeddings, weights, y, args.tau, args.kd_T, args.alpha, args.gamma, args.beta, args.lam)
+    else:
+        mcl = contrast(embeddings, weights)
     total = loss_cls + loss_kd + mcl["loss_mcl"]
     return {"features": features, "logits": logits, "aggregated_logits": aggregated,
             "aggregator_stage_weights": stage_weights, "lwn_weights": weights, "embeddings": embeddings,
@@ -63,8 +68,16 @@ class MetaStep:
         weights = functional_call(self.weight_net, phi, (features,))
         embed_params = {k[6:]: v for k, v in theta.items() if k.startswith("embed.")}
         embeddings = functional_call(self.embed_heads, embed_params, (features,))
+        return self.contrast(embeddings, weights, y)
+
+    def contrast(self, embeddings, weights, y):
+        """The weighted L_MCL terms (CIFAR: in-batch supervised contrast)."""
         a = self.args
         return mcl_loss(embeddings, weights, y, a.tau, a.kd_T, a.alpha, a.gamma, a.beta, a.lam)
+
+    def reduce_hypergradient(self, hyper):
+        """Single process: the hypergradient as it is (DDP runs average it over processes)."""
+        return hyper
 
     def _ce(self, theta, buffers, x, y):
         return stage_ce_sum(self._forward(theta, buffers, x)[1], y)
@@ -129,7 +142,7 @@ class MetaStep:
         return hyper
 
     def step(self, x, y, lr, weight_optimizer):
-        hyper = self.hypergradient(x, y, lr)
+        hyper = self.reduce_hypergradient(self.hypergradient(x, y, lr))
         for k, p in self.weight_net.named_parameters():
             p.grad = hyper[k].detach().clone()
         weight_optimizer.step()

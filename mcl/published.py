@@ -1,4 +1,5 @@
-"""Published L-MCL numbers (authors' README, spec 6.1) and the commands that reproduce them.
+"""Published L-MCL numbers (authors' README, spec 6.1: CIFAR-100 tables 8-9, ImageNet table 10) and the commands
+that reproduce them.
 
 The released logs report, per network, the best-epoch test top-1 maximised over all heads of the network (auxiliary
 heads included); the deployed network is only the backbone head. Each L-MCL result therefore has two rows: "as
@@ -75,10 +76,64 @@ for (name1, name2), arch, (v1, v2) in HETEROGENEOUS:
     table9_rows.extend(lmcl_rows(f"{name1} & {name2}: {name1}", arch, 1, v1))
     table9_rows.extend(lmcl_rows(f"{name1} & {name2}: {name2}", arch, 2, v2))
 
+# ImageNet (spec 6.1): global batch 256 over 2 processes in the authors' command, 100 epochs, best epoch
+IMAGENET_EPOCHS = 100
+IMAGENET_BASELINE_SCRIPT = "main_imagenet_baseline.py"
+IMAGENET_LMCL_SCRIPT = "main_layer_mcl_imagenet_meta.py"
+IMAGENET_SMOKE = ("--epochs", "1", "--batch-size", "4", "--steps-per-epoch", "1", "--eval-batches", "1",
+                  "--num-workers", "0", "--image-size", "64")
+IMAGENET_SMOKE_LMCL = IMAGENET_SMOKE + ("--neg_k", "16")
+IMAGENET_SHORT = ("--epochs", str(IMAGENET_EPOCHS // 10))
+
+# name, baseline arch, L-MCL arch, baseline top-1, L-MCL top-1
+IMAGENET_HOMOGENEOUS = [
+    ("ResNet-34", "resnet34_imagenet", "lmcl_resnet34_imagenet", 73.68, 75.12),
+    ("ResNet-50", "resnet50_imagenet", "lmcl_resnet50_imagenet", 76.28, 78.35),
+    ("ShuffleNetV2 1x", "ShuffleNetV2_1x_imagenet", "lmcl_ShuffleNetV2_1x_imagenet", 64.25, 65.91),
+]
+# (net1, net2) names in the factory's network order, L-MCL arch, (net1, net2) L-MCL top-1
+IMAGENET_HETEROGENEOUS = [
+    (("ResNet-18", "ShuffleNetV2 1x"), "lmcl_res18_shufflenetv2_1x_imagenet", (71.16, 66.06)),
+    (("ShuffleNetV2 1x", "ResNet-50"), "lmcl_res50_shufflenetv2_1x_imagenet", (66.44, 76.57)),
+    (("ResNet-18", "ResNet-50"), "lmcl_res18_res50_imagenet", (71.69, 77.34)),
+]
+
+
+def imagenet_baseline_row(name, arch, value):
+    return Row(name=f"{name}, baseline", value=value, key="test/net/top1", workdir="mcl",
+               argv=(IMAGENET_BASELINE_SCRIPT, "--arch", arch),
+               match={"script": f"mcl/{IMAGENET_BASELINE_SCRIPT}", "arch": arch}, epochs=IMAGENET_EPOCHS,
+               protocol="best", source=SOURCE, statistic="single number (runs not stated)", launcher="torchrun",
+               scale_args={"smoke": IMAGENET_SMOKE, "short": IMAGENET_SHORT})
+
+
+def imagenet_lmcl_rows(name, arch, net, value):
+    common = dict(value=value, workdir="mcl", argv=(IMAGENET_LMCL_SCRIPT, "--arch", arch),
+                  match={"script": f"mcl/{IMAGENET_LMCL_SCRIPT}", "arch": arch}, epochs=IMAGENET_EPOCHS,
+                  protocol="best", source=SOURCE, statistic="single number (runs not stated)", launcher="torchrun",
+                  scale_args={"smoke": IMAGENET_SMOKE_LMCL, "short": IMAGENET_SHORT})
+    return [Row(name=f"{name}, L-MCL (net{net}, max over heads, as released)", key=f"test/net{net}/max_heads/top1",
+                note="best epoch of the maximum top-1 over the network's 4 heads, as the released logs", **common),
+            Row(name=f"{name}, L-MCL (net{net}, deployed head)", key=f"test/net{net}/top1",
+                note="best epoch of the deployed backbone head; the README does not say which head it reports",
+                **common)]
+
+
+table10_rows = []
+for name, base_arch, lmcl_arch, base, lmcl in IMAGENET_HOMOGENEOUS:
+    table10_rows.append(imagenet_baseline_row(name, base_arch, base))
+    table10_rows.extend(imagenet_lmcl_rows(name, lmcl_arch, 1, lmcl))
+table10_rows.append(imagenet_baseline_row("ResNet-18", "resnet18_imagenet", 69.95))
+for (name1, name2), arch, (v1, v2) in IMAGENET_HETEROGENEOUS:
+    table10_rows.extend(imagenet_lmcl_rows(f"{name1} & {name2}: {name1}", arch, 1, v1))
+    table10_rows.extend(imagenet_lmcl_rows(f"{name1} & {name2}: {name2}", arch, 2, v2))
+
 TABLES = [
     Table(id="table8", title="L-MCL, CIFAR-100, homogeneous pairs (top-1 %)", source=SOURCE, rows=tuple(table8_rows)),
     Table(id="table9", title="L-MCL, CIFAR-100, heterogeneous pairs (top-1 %; baselines of the other networks in "
                              "table8)", source=SOURCE, rows=tuple(table9_rows)),
+    Table(id="table10", title="L-MCL, ImageNet, homogeneous and heterogeneous pairs (top-1 %, torchrun, global "
+                              "batch 256)", source=SOURCE, rows=tuple(table10_rows)),
 ]
 
 SMOKE = [
@@ -86,4 +141,10 @@ SMOKE = [
         argv=(BASELINE_SCRIPT, "--arch", "resnet32_cifar") + SMOKE_BASELINE),
     Run(name="mcl L-MCL lmcl_resnet32_cifar (with a meta step)", workdir="mcl",
         argv=(LMCL_SCRIPT, "--arch", "lmcl_resnet32_cifar") + SMOKE_LMCL),
+    Run(name="mcl ImageNet baseline ShuffleNetV2_1x_imagenet (torchrun, 2 processes)", workdir="mcl",
+        argv=(IMAGENET_BASELINE_SCRIPT, "--arch", "ShuffleNetV2_1x_imagenet") + IMAGENET_SMOKE, dataset="imagenet",
+        launcher="torchrun", nproc=2),
+    Run(name="mcl ImageNet L-MCL lmcl_ShuffleNetV2_1x_imagenet (torchrun, 2 processes, with a meta step)",
+        workdir="mcl", argv=(IMAGENET_LMCL_SCRIPT, "--arch", "lmcl_ShuffleNetV2_1x_imagenet") + IMAGENET_SMOKE_LMCL,
+        dataset="imagenet", launcher="torchrun", nproc=2),
 ]

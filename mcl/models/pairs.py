@@ -1,4 +1,5 @@
-"""Pairs of networks as the authors build them, and the name -> constructor tables of every script.
+"""Pairs of networks as the authors build them, and the name -> constructor tables of every script (CIFAR and
+ImageNet).
 
 Homogeneous pair: `module_list` of `number_net` independently initialised `<Family>Auxiliary` networks.
 Heterogeneous pair (CrossNets): `net1` and `net2`, each a homogeneous container of one network, so keys read
@@ -10,7 +11,9 @@ import torch.nn as nn
 
 from mcl.models.hcgnet_cifar import HCGNetAuxiliary, HCGNetCIFAR
 from mcl.models.resnet_cifar import ResNetAuxiliary, ResNetCIFAR
+from mcl.models.resnet_imagenet import ResNetImageNet, ResNetImageNetAuxiliary
 from mcl.models.shufflenetv2_cifar import ShuffleNetV2Auxiliary, ShuffleNetV2CIFAR
+from mcl.models.shufflenetv2_imagenet import ShuffleNetV2ImageNet, ShuffleNetV2ImageNetAuxiliary
 from mcl.models.wrn_cifar import WideResNetAuxiliary, WideResNetCIFAR
 
 
@@ -104,3 +107,41 @@ def build_cifar_baseline(arch, num_classes=100):
     if arch not in CIFAR_BASELINES:
         raise _unknown("CIFAR baseline architecture", arch, list(CIFAR_BASELINES))
     return CIFAR_BASELINES[arch](num_classes=num_classes)
+
+
+# ImageNet: 4 heads per network (three auxiliary branches + the backbone)
+IMAGENET_AUXILIARY = {
+    "resnet18": partial(ResNetImageNetAuxiliary, 18), "resnet34": partial(ResNetImageNetAuxiliary, 34),
+    "resnet50": partial(ResNetImageNetAuxiliary, 50), "ShuffleNetV2_1x": ShuffleNetV2ImageNetAuxiliary,
+}
+IMAGENET_BASELINES = {
+    "resnet18_imagenet": partial(ResNetImageNet, 18), "resnet34_imagenet": partial(ResNetImageNet, 34),
+    "resnet50_imagenet": partial(ResNetImageNet, 50), "ShuffleNetV2_1x_imagenet": ShuffleNetV2ImageNet,
+}
+IMAGENET_HETEROGENEOUS = {  # network order as in the authors' factories (note the second one)
+    "lmcl_res18_shufflenetv2_1x_imagenet": ("resnet18", "ShuffleNetV2_1x"),
+    "lmcl_res50_shufflenetv2_1x_imagenet": ("ShuffleNetV2_1x", "resnet50"),
+    "lmcl_res18_res50_imagenet": ("resnet18", "resnet50"),
+}
+IMAGENET_HOMOGENEOUS = [f"lmcl_{name}_imagenet" for name in IMAGENET_AUXILIARY]
+IMAGENET_PAIRS = IMAGENET_HOMOGENEOUS + list(IMAGENET_HETEROGENEOUS)
+
+
+def build_imagenet_pair(arch, num_classes=1000, number_net=2):
+    """`lmcl_*_imagenet` pairs (heterogeneous ones always hold two networks)."""
+    if arch in IMAGENET_HETEROGENEOUS:
+        a, b = IMAGENET_HETEROGENEOUS[arch]
+        return CrossNets(partial(IMAGENET_AUXILIARY[a], num_classes=num_classes),
+                         partial(IMAGENET_AUXILIARY[b], num_classes=num_classes))
+    if arch not in IMAGENET_HOMOGENEOUS:
+        raise _unknown("L-MCL ImageNet architecture", arch, IMAGENET_PAIRS)
+    if number_net < 2:
+        raise ValueError(f"--number-net {number_net}: mutual learning needs at least 2 networks")
+    short = arch.removeprefix("lmcl_").removesuffix("_imagenet")
+    return HomogeneousPair(partial(IMAGENET_AUXILIARY[short], num_classes=num_classes), number_net)
+
+
+def build_imagenet_baseline(arch, num_classes=1000):
+    if arch not in IMAGENET_BASELINES:
+        raise _unknown("ImageNet baseline architecture", arch, list(IMAGENET_BASELINES))
+    return IMAGENET_BASELINES[arch](num_classes=num_classes)
