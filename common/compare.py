@@ -15,7 +15,7 @@ import os
 import statistics
 
 from common.logging import read_log
-from common.results import all_tables
+from common.results import all_tables, md_cell
 
 
 def find_runs(paths):
@@ -115,7 +115,7 @@ def to_markdown(report):
                                                                           ln["published_n"])
             rep = _fmt(ln["mean"], ln["std"] if ln["n"] > 1 else None, ln["n"])
             diff = "-" if ln["diff"] is None else f"{ln['diff']:+.2f}"
-            out.append(f"| {ln['row']} | {ln['metric']} ({ln['protocol']} epoch) | {pub} | {rep} | {diff} | "
+            out.append(f"| {md_cell(ln['row'])} | {ln['metric']} ({ln['protocol']} epoch) | {pub} | {rep} | {diff} | "
                        f"{ln['verdict']} |")
         out.append("")
     return "\n".join(out)

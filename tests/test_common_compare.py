@@ -74,3 +74,12 @@ def test_published_rows_are_well_formed():
             assert row.value is None or 0 < row.value < 100, row.name
             assert row.value is not None or row.note, f"{row.name}: missing value needs a note"
             assert os.path.isfile(os.path.join(REPO, row.workdir, row.argv[0])), row.argv
+
+
+def test_readme_tables_are_the_published_data():
+    """README.md's results tables are generated from <paper>/published.py and must not drift from it."""
+    from common.results import README_BEGIN, README_END, tables_markdown
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    block = text.split(README_BEGIN)[1].split(README_END)[0]
+    assert block.strip() == tables_markdown().strip(), "run: python -m common.results --write-readme"
