@@ -1,22 +1,32 @@
 """FFSD's loss terms as small pure functions. Maps are (B, C, H, W); every target is detached by the caller or here.
 
 Notation: A(F) = mean_c F^2 (the attention map), n(v) = v / max(||v||_2, 1e-12) per sample.
+
+Every term computes at least in float32: under bf16 autocast (--amp bf16) the networks' outputs arrive in bf16, and
+squares, norms, softmaxes and KL lose too much there. float32 (the default path) and float64 inputs pass unchanged.
 """
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 
+def full_precision(x):
+    # autocast's bf16/fp16 outputs are upcast to float32; float32 and float64 tensors are returned as they are
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def attention(feature_map):
     # A(F) = mean over channels of F^2, shape (B, 1, H, W)
-    return feature_map.pow(2).mean(1, keepdim=True)
+    return full_precision(feature_map).pow(2).mean(1, keepdim=True)
 
 
 def normalized_distance(x, y):
     # Dist(x, y) = mean over B*N of (n(x) - n(y))^2, each sample flattened to N values
     b = x.size(0)
-    return (F.normalize(x.reshape(b, -1), dim=1) - F.normalize(y.reshape(b, -1), dim=1)).pow(2).mean()
+    x, y = full_precision(x).reshape(b, -1), full_precision(y).reshape(b, -1)
+    return (F.normalize(x, dim=1) - F.normalize(y, dim=1)).pow(2).mean()
 
 
 def attention_distance(x, y):
@@ -27,7 +37,8 @@ def attention_distance(x, y):
 def kd_kl(student_logits, teacher_logits, temperature):
     # T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), batch mean, teacher detached
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits.detach() / t, dim=1),
+    return F.kl_div(F.log_softmax(full_precision(student_logits) / t, dim=1),
+                    F.softmax(full_precision(teacher_logits.detach()) / t, dim=1),
                     reduction="batchmean") * t * t
 
 
@@ -65,20 +76,22 @@ def diversity_target(reference_map):
     return f + ((t - a_hat) * nu / c).reshape(b, 1, h, w)
 
 
-def self_distillation_loss(decoder, feature_maps, decoder_input):
+def self_distillation_loss(decoder, feature_maps, decoder_input, autocast=contextlib.nullcontext):
     """sum_l Dist(A(F^l), A(R_l)) with R the decoder's outputs (eval-mode BN, no gradient to the decoder) on
-    DECODER_INPUT, reversed so the shallowest map comes first; F^l are the network's maps except the last."""
+    DECODER_INPUT, reversed so the shallowest map comes first; F^l are the network's maps except the last.
+    AUTOCAST() is the context the decoder's forward runs in (bf16 autocast on the fast path)."""
     decoder.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         rebuilt = decoder(decoder_input.detach())[::-1]
     return sum(normalized_distance(attention(f), attention(r)) for f, r in zip(feature_maps, rebuilt))
 
 
-def decoder_training_losses(decoder, feature_maps):
+def decoder_training_losses(decoder, feature_maps, autocast=contextlib.nullcontext):
     """The decoder's own losses (train-mode BN) on its network's maps: (feature, attention), where
     feature = sum_l Dist(R_l, F^l) on raw maps and attention = sum_l Dist(A(R_l), A(F^l)), targets detached."""
     decoder.train()
-    rebuilt = decoder(feature_maps[-1].detach())[::-1]
+    with autocast():
+        rebuilt = decoder(feature_maps[-1].detach())[::-1]
     feature = sum(normalized_distance(r, f.detach()) for f, r in zip(feature_maps, rebuilt))
     attn = sum(normalized_distance(attention(r), attention(f).detach()) for f, r in zip(feature_maps, rebuilt))
     return feature, attn

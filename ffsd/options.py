@@ -4,6 +4,7 @@ Visdom/HTML display options are accepted and ignored (log.jsonl and tensorboardX
 """
 import argparse
 
+from common.fast import add_fast_args, resolve_fast_args
 from common.logging import add_common_args
 
 from ffsd.models import MODELS
@@ -65,6 +66,7 @@ def build_parser(dataset="cifar100"):
     g.add_argument("--print_every", type=int, default=0,
                    help="console print period in batches (0: the released len(train set) // batch // 10)")
     add_common_args(p, data_root_default="./data", data_root_flags=("--data-root", "--dataroot"))
+    add_fast_args(p)
     p.set_defaults(device=None)  # None: derived from --gpu_ids
     return p
 
@@ -81,6 +83,11 @@ def parse(argv=None, dataset="cifar100"):
         parser.error(f"--temperature must be positive; got {args.temperature}")
     if args.start_epoch < 1:
         parser.error(f"--start_epoch must be >= 1; got {args.start_epoch}")
+    resolve_fast_args(args)
+    if dataset != "cifar100" and args.data_on_device:
+        if not args.fast:
+            parser.error("--data-on-device keeps CIFAR on the device; ImageNet is read through its data loader")
+        args.data_on_device = False  # --fast on ImageNet: the rest of the fast path only
     if args.device is None:
         import torch
         gpu = [int(i) for i in str(args.gpu_ids).split(",") if int(i) >= 0]

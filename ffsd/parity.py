@@ -7,6 +7,11 @@ forward outputs and features, every loss term at every stored epoch, the values 
 and the (sum, sum of squares) of every tensor after one real optimisation step. Prints the largest error per item;
 exits 0 only when every item is within tolerance. Also reports whether seeded construction regenerates the
 fixture's initial weights (when the fixture says how they were made).
+
+    python -m ffsd.parity --noise-floor
+
+also reruns the one-step check with channels_last memory format and in float64, and prints how far those moves the
+post-step checksums from our default float32 run (the same metric as the tolerance): the float32 noise floor.
 """
 import argparse
 import glob
@@ -18,7 +23,8 @@ import sys
 import torch
 
 from ffsd.losses import attention, diversity_target
-from ffsd.training import build_networks, build_optimizers, predict, train_step, warmed_up_lambdas
+from ffsd.training import build_networks, build_optimizers, predict, prepare_networks, train_step, \
+    warmed_up_lambdas
 
 DEFAULT_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                               "fixtures", "ffsd")
@@ -28,6 +34,7 @@ TOLERANCE = 1e-5  # float32, relative
 # the size of the one-step update itself. Those updates carry float32 rounding of order 1e-4..1e-3 in the
 # reference: the same quantities computed by the reference's own float32 ops differ from a float64 run by up to
 # 7.6e-4 (student 1, diversity gradient), so a tighter bound would test the rounding, not the algorithm.
+# Measured floor (--noise-floor): channels_last moves these by up to 2.5e-3, float64 by 7e-4; we are within 4.9e-4.
 CHECKSUM_TOLERANCE = 1e-3
 EPOCH_KEY = re.compile(r"losses_epoch(\d+)_(full_lambdas|warmup)$")
 # fixture loss names (after dropping the " (...)" explanation) -> ours
@@ -108,6 +115,44 @@ def check_regeneration(config, model_num, fixture, report):
             else:
                 errors[f"{name}.{key}"] = tensor_error(value, fixture["init_state"][name][key].float())
     report.add(f"init regeneration (seed {config['init_seed']})", errors)
+
+
+def post_step_state(config, model_num, init_state, inputs, labels, epoch, variant="float32"):
+    """Every state tensor after one step from the fixture's initial weights: 'float32' (our default path),
+    'channels_last' (same math, other memory format, so other summation orders) or 'float64'."""
+    nets = fresh_networks(config, model_num, init_state)
+    forward = nets
+    if variant == "float64":
+        nets.double()
+        inputs = inputs.double()
+    elif variant == "channels_last":
+        forward = prepare_networks(nets, argparse.Namespace(channels_last=True))
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    nets.train()
+    lambdas = warmed_up_lambdas({"diversity": 1e-5, "fusion": 10.0, "self_distillation": 1000.0}, epoch)
+    train_step(nets, build_optimizers(nets), inputs, labels, lambdas, forward=forward)
+    return {f"{name}.{k}": v for name, net in nets.named_networks().items() for k, v in net.state_dict().items()}
+
+
+def noise_floor(path):
+    """Post-step checksum spread of channels_last and float64 runs against our float32 run, and of the reference."""
+    fixture = torch.load(path, map_location="cpu", weights_only=False)
+    config, init_state = fixture_config(fixture), fixture["init_state"]
+    model_num = sum(1 for name in init_state if re.fullmatch(r"student\d+", name))
+    inputs, labels = fixture["inputs"].float(), fixture["labels"]
+    for key in sorted(k for k in fixture if k.startswith("post_step_checksums_epoch")):
+        epoch = int(key.removeprefix("post_step_checksums_epoch"))
+        ours = post_step_state(config, model_num, init_state, inputs, labels, epoch)
+        ours_sums = {k: (v.double().sum().item(), v.double().pow(2).sum().item()) for k, v in ours.items()}
+        spread = {"reference": {k: checksum_error(ours[k], ref) for k, ref in fixture[key].items()}}
+        for variant in ("channels_last", "float64"):
+            other = post_step_state(config, model_num, init_state, inputs, labels, epoch, variant)
+            spread[variant] = {k: checksum_error(other[k], ours_sums[k]) for k in ours}
+        print(f"  noise floor, epoch {epoch} (post-step checksums against our float32 run, tol "
+              f"{CHECKSUM_TOLERANCE:.0e}):")
+        for variant, errors in spread.items():
+            worst = max(errors, key=errors.get)
+            print(f"    {variant:<14s} max {errors[worst]:.2e}  at {worst}")
 
 
 def check_fixture(path, regeneration=True):
@@ -198,6 +243,8 @@ def main(argv=None):
     parser.add_argument("fixtures", nargs="*", help="fixture files (default: every *_fixture.pt of the shared folder)")
     parser.add_argument("--no-regeneration", action="store_true",
                         help="skip the seeded-construction check of the initial weights")
+    parser.add_argument("--noise-floor", action="store_true",
+                        help="also measure how much channels_last and float64 move the post-step checksums")
     args = parser.parse_args(argv)
     paths = args.fixtures or sorted(glob.glob(os.path.join(DEFAULT_FOLDER, "*_fixture.pt")))
     if not paths:
@@ -207,6 +254,8 @@ def main(argv=None):
     ok = True
     for path in paths:
         ok = check_fixture(path, regeneration=not args.no_regeneration) and ok
+        if args.noise_floor:
+            noise_floor(path)
     print("parity: all items match" if ok else "parity: MISMATCH")
     return 0 if ok else 1
 

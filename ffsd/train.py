@@ -18,13 +18,14 @@ from torch.utils.data import Subset
 from common.checkpoint import CHECKPOINT_NAME, ResumableEpoch, load_checkpoint, save_checkpoint
 from common.data import CIFAR100_MEAN, CIFAR100_STD, cifar_datasets, cifar_test_transform, cifar_train_transform, \
     imagenet_datasets, imagenet_train_transform, imagenet_val_transform, make_loader
+from common.fast import DeviceCifarLoader, autocast
 from common.distributed import all_reduce_sum, barrier, cleanup, init_distributed, per_process_batch, \
     train_sampler, wrap_ddp
 from common.logging import FiniteGuard, RunLogger
 
 from ffsd.options import build_parser, config_text, parse
 from ffsd.training import FFSDNetworks, TermMeters, batch_accuracies, build_networks, build_optimizers, evaluate, \
-    train_step, warmed_up_lambdas
+    prepare_networks, train_step, warmed_up_lambdas
 
 IMAGENET_GLOBAL_BATCH = 256
 
@@ -109,12 +110,21 @@ def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
     random.seed(args.seed)
     train_set, test_set, train_batch, test_batch = load_data(args, ctx)
     sampler = train_sampler(train_set, ctx, shuffle=True, seed=args.seed)
-    train_loader = make_loader(train_set, train_batch, shuffle=True, workers=args.workers,
-                               pin_memory=device.type == "cuda", sampler=sampler)
-    test_loader = make_loader(test_set, test_batch, workers=args.workers, pin_memory=device.type == "cuda")
+    if args.data_on_device:  # uint8 CIFAR on the device, the released augmentation (reflect pad, flip, crop) there
+        cifar = dict(device=device, mean=CIFAR100_MEAN, std=CIFAR100_STD, padding_mode="reflect",
+                     order="pad_flip_crop", channels_last=args.channels_last)
+        train_loader = DeviceCifarLoader(train_set, train_batch, train=True, shuffle=sampler is None, drop_last=False,
+                                         sampler=sampler, seed=args.seed, **cifar)
+        test_loader = DeviceCifarLoader(test_set, test_batch, train=False, **cifar)
+    else:
+        train_loader = make_loader(train_set, train_batch, shuffle=True, workers=args.workers,
+                                   pin_memory=device.type == "cuda", sampler=sampler)
+        test_loader = make_loader(test_set, test_batch, workers=args.workers, pin_memory=device.type == "cuda")
 
     probe = 224 if dataset == "imagenet" else 32
     nets = build_networks(args.model, dataset, args.model_num, probe_size=probe).to(device)
+    fast_nets = prepare_networks(nets, args)  # channels_last / compiled; nets keeps the plain modules to save
+    amp = lambda: autocast(args, device)  # noqa: E731
     optimizers = build_optimizers(nets, args.lr, args.momentum, args.weight_decay)
     scheduled = optimizers if dataset == "cifar100" else {k: o for k, o in optimizers.items() if k.startswith("sd_")}
     if args.lr_policy == "step":
@@ -124,9 +134,9 @@ def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
         schedulers = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=args.n_epochs, eta_min=0)
                       for k, o in scheduled.items()}
     wrap = lambda m: wrap_ddp(m, ctx)  # noqa: E731
-    forward = nets if not ctx.distributed else FFSDNetworks(
-        [wrap(s) for s in nets.students], wrap(nets.leader), wrap(nets.fusion_module),
-        [wrap(d) for d in nets.sd_students], wrap(nets.sd_leader))
+    forward = fast_nets if not ctx.distributed else FFSDNetworks(
+        [wrap(s) for s in fast_nets.students], wrap(fast_nets.leader), wrap(fast_nets.fusion_module),
+        [wrap(d) for d in fast_nets.sd_students], wrap(fast_nets.sd_leader))
     reduce = (lambda t: all_reduce_sum(t, ctx)) if ctx.distributed else None
 
     meta = {"script": script, "model": args.model, "model_num": args.model_num, "dataset": dataset}
@@ -140,6 +150,8 @@ def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
         for k, s in schedulers.items():
             s.load_state_dict(ckpt["schedulers"][k])
         best, epoch_resume = ckpt["best"], ckpt.get("epoch_state")
+        if args.data_on_device and ckpt.get("train_loader") is not None:  # its augmentation/shuffle generator
+            train_loader.load_state_dict(ckpt["train_loader"])
         start_epoch = ckpt["epoch"] + (0 if epoch_resume else 1)
         logger.truncate_after(ckpt["epoch"] if not epoch_resume else ckpt["epoch"] - 1)
         log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
@@ -151,11 +163,12 @@ def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
     def save(epoch, epoch_state=None):
         """Full state after EPOCH (or inside it, with epoch_state)."""
         guard.check(f"epoch {epoch}", ckpt_path if os.path.exists(ckpt_path) else None)
+        loader_state = {"train_loader": train_loader.state_dict()} if args.data_on_device else {}
         if ctx.is_main:
             save_checkpoint(ckpt_path, {"networks": nets.state_dict(), "epoch": epoch, "best": best,
                                         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                                         "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-                                        "epoch_state": epoch_state}, meta=meta)
+                                        "epoch_state": epoch_state, **loader_state}, meta=meta)
         barrier(ctx)
 
     def save_authors(name, module, epoch, index):
@@ -178,6 +191,10 @@ def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
             sampler.set_epoch(epoch)
         timer_start = time.perf_counter()
         meters = TermMeters()
+        if args.data_on_device:  # the device loader draws from its own generator: replay the epoch from its start
+            if epoch_resume:
+                train_loader.load_state_dict(epoch_resume["train_loader"])
+            loader_at_epoch_start = train_loader.state_dict()
         batches = ResumableEpoch(train_loader, resume=epoch_resume)
         if epoch_resume:
             meters.load_state_dict(epoch_resume["meters"], device)
@@ -186,6 +203,8 @@ def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
             if args.steps_per_epoch and step >= args.steps_per_epoch:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             if dataset == "imagenet":
                 lr = imagenet_lr(args.lr, epoch, step, max(len_epoch, 1), args.inclusive_epochs)
                 for k, o in optimizers.items():
@@ -193,7 +212,7 @@ def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
                         for group in o.param_groups:
                             group["lr"] = lr
             terms, out = train_step(forward, optimizers, x, y, lambdas, args.temperature, args.follower_sd_weight,
-                                    args.normalized_diversity_target)
+                                    args.normalized_diversity_target, autocast=amp)
             logits = {f"student{i}": z for i, z in enumerate(out["student_logits"])}
             logits.update(fusion=out["fusion_logits"], leader=out["leader_logits"])
             terms.update(batch_accuracies(logits, y))
@@ -207,13 +226,16 @@ def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
                 log.info(train_line(epoch, (step + 1) * args.train_batch_size, len(train_set),
                                     time.perf_counter() - timer_start, meters.averages(), args.model_num))
             if args.save_every_steps and (step + 1) % args.save_every_steps == 0:
-                save(epoch, dict(batches.state(step + 1), meters=meters.state_dict()))
+                epoch_state = dict(batches.state(step + 1), meters=meters.state_dict())
+                if args.data_on_device:
+                    epoch_state["train_loader"] = loader_at_epoch_start
+                save(epoch, epoch_state)
             if kill_at and step_global == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         train_seconds = time.perf_counter() - timer_start
         train_avg = meters.averages()
 
-        test = evaluate(nets, test_loader, device, args.eval_batches, reduce)
+        test = evaluate(fast_nets, test_loader, device, args.eval_batches, reduce, amp, args.channels_last)
         networks = {f"student{i}": (str(i), nets.students[i]) for i in range(args.model_num)}
         networks.update(fusion=("fusion", nets.fusion_module), leader=("leader", nets.leader))
         for name, (index, module) in networks.items():

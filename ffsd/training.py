@@ -4,12 +4,16 @@ Networks (M common students, the leader, the fusion module, one decoder per foll
 leader) are separate modules with separate optimizers; every cross-network signal is detached, so nothing flows
 back into the common students from the fusion module or the leader.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ffsd.losses import attention_distance, decoder_training_losses, diversity_loss, diversity_target, kd_kl, \
-    lambda_warmup, self_distillation_loss
+from common.fast import prepare_model
+
+from ffsd.losses import attention_distance, decoder_training_losses, diversity_loss, diversity_target, \
+    full_precision, kd_kl, lambda_warmup, self_distillation_loss
 from ffsd.models import create_decoder, create_fusion_module, create_model
 
 
@@ -57,6 +61,18 @@ def build_networks(model, dataset="cifar100", model_num=2, probe_size=32):
     return FFSDNetworks(students, leader, fusion_module, sd_students, sd_leader)
 
 
+def prepare_networks(nets, args):
+    """The networks to call on the fast path: channels_last and/or torch.compile (common.fast.prepare_model). NETS
+    keeps the plain modules (their state dicts are what checkpoints hold); without either option this is NETS."""
+    if not (getattr(args, "channels_last", False) or getattr(args, "compile", False)):
+        return nets
+
+    def prepare(module):
+        return prepare_model(module, args)
+    return FFSDNetworks([prepare(s) for s in nets.students], prepare(nets.leader), prepare(nets.fusion_module),
+                        [prepare(d) for d in nets.sd_students], prepare(nets.sd_leader))
+
+
 def build_optimizers(nets, lr=0.1, momentum=0.9, weight_decay=1e-4, fusion_weight_decay=1e-5):
     """Nesterov SGD for students, leader (wd 1e-4) and fusion module (wd 1e-5, hard-coded as released); Adam with
     its default lr 1e-3 and coupled L2 weight decay for the decoders. No parameter groups: BN and biases decay."""
@@ -84,22 +100,9 @@ def _step(optimizer, loss):
     optimizer.step()
 
 
-def train_step(nets, optimizers, inputs, labels, lambdas, temperature=2, follower_sd_weight="diversity",
-               normalized_diversity_target=False, forward=None):
-    """One FFSD iteration in the released order. LAMBDAS: warmed-up {'diversity', 'fusion', 'self_distillation'}.
-
-    follower_sd_weight: which lambda weighs the follower students' self-distillation term ('diversity' as
-    released, or 'self_distillation'). FORWARD: the (possibly DDP-wrapped) networks to call, defaulting to NETS;
-    decoders producing targets are always called unwrapped, without gradient, since nothing flows into them.
-    Returns (terms, outputs): detached loss terms by name and the forward outputs."""
-    forward = forward or nets
-    m = nets.model_num
-    ce = F.cross_entropy
-    t = temperature
-    lam_div, lam_fusion, lam_sd = lambdas["diversity"], lambdas["fusion"], lambdas["self_distillation"]
-    lam_follower_sd = lambdas[follower_sd_weight]
-
-    # Forwards, all at the pre-update weights: the leader, the students, the fusion module on their detached maps.
+def forward_networks(forward, inputs):
+    """The iteration's forwards, all at the pre-update weights: the leader, the students, then the fusion module on
+    the students' detached last maps (each BN layer sees one train-mode forward)."""
     leader_logits, leader_maps, trans_fusion = forward.leader(inputs)
     student_logits, student_maps = [], []
     for student in forward.students:
@@ -108,7 +111,32 @@ def train_step(nets, optimizers, inputs, labels, lambdas, temperature=2, followe
         student_maps.append(maps)
     fusion_input = torch.cat([maps[-1].detach() for maps in student_maps], 1)
     fusion_logits, fused = forward.fusion_module(fusion_input)
-    mean_logits = torch.stack(student_logits).mean(0)
+    return leader_logits, leader_maps, trans_fusion, student_logits, student_maps, fusion_input, fusion_logits, fused
+
+
+def train_step(nets, optimizers, inputs, labels, lambdas, temperature=2, follower_sd_weight="diversity",
+               normalized_diversity_target=False, forward=None, autocast=contextlib.nullcontext):
+    """One FFSD iteration in the released order. LAMBDAS: warmed-up {'diversity', 'fusion', 'self_distillation'}.
+
+    follower_sd_weight: which lambda weighs the follower students' self-distillation term ('diversity' as
+    released, or 'self_distillation'). FORWARD: the networks to call (DDP-wrapped, channels_last, compiled),
+    defaulting to NETS; decoders producing targets are called without DDP and without gradient, since nothing flows
+    into them. AUTOCAST(): the context of every network forward (bf16 autocast on the fast path); the loss terms
+    compute in float32. No host synchronisation: every term stays a device tensor.
+    Returns (terms, outputs): detached loss terms by name and the forward outputs."""
+    forward = forward or nets
+    m = nets.model_num
+    t = temperature
+
+    def ce(logits, targets):
+        return F.cross_entropy(full_precision(logits), targets)
+    lam_div, lam_fusion, lam_sd = lambdas["diversity"], lambdas["fusion"], lambdas["self_distillation"]
+    lam_follower_sd = lambdas[follower_sd_weight]
+
+    with autocast():
+        (leader_logits, leader_maps, trans_fusion, student_logits, student_maps, fusion_input, fusion_logits,
+         fused) = forward_networks(forward, inputs)
+    mean_logits = torch.stack([full_precision(z) for z in student_logits]).mean(0)
 
     terms = {}
     for i in range(m):  # common students: CE + DML (+ diversity and self-distillation for followers)
@@ -122,7 +150,8 @@ def train_step(nets, optimizers, inputs, labels, lambdas, temperature=2, followe
             div_raw = diversity_loss(student_maps[i][-1], previous_last, normalized_diversity_target)
             with torch.no_grad():
                 shifted = diversity_target(previous_last)
-            sd_raw = self_distillation_loss(unwrap(nets.sd_students[i - 1]), student_maps[i][:-1], shifted)
+            sd_raw = self_distillation_loss(unwrap(forward.sd_students[i - 1]), student_maps[i][:-1], shifted,
+                                            autocast)
             loss = loss + lam_div * div_raw + lam_follower_sd * sd_raw
             terms.update({f"student{i}/diversity_raw": div_raw, f"student{i}/diversity": lam_div * div_raw,
                           f"student{i}/self_distillation_raw": sd_raw,
@@ -142,7 +171,7 @@ def train_step(nets, optimizers, inputs, labels, lambdas, temperature=2, followe
     leader_ce, leader_kl = ce(leader_logits, labels), kd_kl(leader_logits, fusion_logits, t)
     fusion_raw = attention_distance(leader_maps[-1], fused)
     trans_raw = attention_distance(trans_fusion, fusion_input)
-    leader_sd_raw = self_distillation_loss(unwrap(nets.sd_leader), leader_maps[:-1], fused)
+    leader_sd_raw = self_distillation_loss(unwrap(forward.sd_leader), leader_maps[:-1], fused, autocast)
     leader_loss = leader_ce + leader_kl + lam_fusion * (fusion_raw + trans_raw + leader_sd_raw)
     terms.update({"leader/ce": leader_ce, "leader/kl": leader_kl, "leader/fusion_raw": fusion_raw,
                   "leader/fusion": lam_fusion * fusion_raw, "leader/trans_fusion_raw": trans_raw,
@@ -154,7 +183,7 @@ def train_step(nets, optimizers, inputs, labels, lambdas, temperature=2, followe
     decoders = [(f"sd_student{i}", forward.sd_students[i - 1], student_maps[i]) for i in range(1, m)]
     decoders.append(("sd_leader", forward.sd_leader, leader_maps))
     for name, decoder, maps in decoders:
-        feature, attn = decoder_training_losses(decoder, maps)
+        feature, attn = decoder_training_losses(decoder, maps, autocast)
         terms.update({f"{name}/feature_raw": feature, f"{name}/attention_raw": attn,
                       f"{name}/feature": lam_sd * feature, f"{name}/attention": lam_sd * attn})
         _step(optimizers[name], lam_sd * (feature + attn))
@@ -215,17 +244,21 @@ def batch_accuracies(logits, labels):
 
 
 @torch.no_grad()
-def evaluate(nets, loader, device, max_batches=0, reduce=None):
+def evaluate(nets, loader, device, max_batches=0, reduce=None, autocast=contextlib.nullcontext, channels_last=False):
     """Eval-mode top-1/top-5 and CE of every network, the students' average top-1, the released 'Ensemble Acc'
     (oracle: a sample counts when ANY student is right) and a real ensemble (mean of the students' logits).
-    REDUCE(tensor) sums counts over processes (DDP)."""
+    REDUCE(tensor) sums counts over processes (DDP). Counts stay on the device until the end of the pass."""
     nets.eval()
     sums = None
     for i, (x, y) in enumerate(loader):
         if max_batches and i >= max_batches:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = predict(nets, x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = predict(nets, x)
+        logits = {name: full_precision(z) for name, z in logits.items()}
         logits["ensemble"] = torch.stack([z for k, z in logits.items() if k.startswith("student")]).mean(0)
         batch = {}
         for name, z in logits.items():

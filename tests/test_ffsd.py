@@ -185,7 +185,6 @@ def test_test_py_reads_authors_and_prefixed_checkpoints(cifar_run, synthetic_roo
     assert test_main(common + ["--model", "resnet20", "--load_path", str(tmp_path / "missing.pth")]) == 2
 
 
-@pytest.mark.slow  # two extra process runs; about a minute on 2 shared cores
 def test_resume_after_kill_is_bit_exact(cifar_run, synthetic_root, tmp_path):
     run_dir = tmp_path / "killed"
     args = [sys.executable, "-m", "ffsd.cifar", *SMOKE, "--data-root", str(synthetic_root), "--run-dir", str(run_dir),
@@ -202,19 +201,26 @@ def test_resume_after_kill_is_bit_exact(cifar_run, synthetic_root, tmp_path):
     assert read_log(run_dir)[-1]["train/loss"] == read_log(cifar_run)[-1]["train/loss"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", ["resnet32", "resnet56", "wideresnet1602", "wideresnet4002", "densenet",
-                                   "googlenet"])
-def test_cifar_smoke_every_architecture(model, synthetic_root, tmp_path):
+def tiny_run(model, synthetic_root, tmp_path, steps):
     from ffsd.train import main
-    main(["--model", model, "--n_epochs", "2", "--steps-per-epoch", "2", "--eval-batches", "1",
+    main(["--model", model, "--n_epochs", "2", "--steps-per-epoch", str(steps), "--eval-batches", "1",
           "--train_batch_size", "2", "--test_batch_size", "2", "--workers", "0", "--quiet",
           "--data-root", str(synthetic_root), "--run-dir", str(tmp_path / model)])
     assert (tmp_path / model / "checkpoints" / "modelleader_best.pth").exists()
     assert len(read_log(tmp_path / model)) == 1
 
 
-@pytest.mark.slow  # two processes building three ResNet-18s each
+def test_cifar_smoke_densenet(synthetic_root, tmp_path):
+    # a non-ResNet in the default suite: concatenating dense blocks and the fixed-width (DIY) decoders
+    tiny_run("densenet", synthetic_root, tmp_path, steps=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["resnet32", "resnet56", "wideresnet1602", "wideresnet4002", "googlenet"])
+def test_cifar_smoke_every_architecture(model, synthetic_root, tmp_path):
+    tiny_run(model, synthetic_root, tmp_path, steps=2)
+
+
 def test_imagenet_under_torchrun_two_processes(synthetic_root, tmp_path):
     run_dir = tmp_path / "imagenet"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ffsd.imagenet",

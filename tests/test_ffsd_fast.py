@@ -1,0 +1,99 @@
+"""FFSD fast path: channels_last / compile give the faithful losses, bf16 autocast stays close, and a training run
+with CIFAR on the device (augmented there) logs falling losses and resumes exactly."""
+import argparse
+import json
+
+import pytest
+import torch
+
+from conftest import paper_fixtures
+
+from common.logging import read_log
+from common.fast import autocast
+from ffsd.training import build_networks, build_optimizers, prepare_networks, train_step, warmed_up_lambdas
+
+LAMBDAS = {"diversity": 1e-5, "fusion": 10.0, "self_distillation": 1000.0}
+FIXTURES = paper_fixtures("ffsd")[1]
+NETWORK_TOTALS = ("student0/total", "student1/total", "fusion/total", "leader/total")
+BF16_TOLERANCE = 2e-2  # relative, per network's total loss and on their sum, at the same weights
+
+
+def fixture_batch():
+    """The reference fixture's batch (8 images), or a seeded one of the same shape when the fixture is absent."""
+    if FIXTURES:
+        fixture = torch.load(FIXTURES[0], map_location="cpu", weights_only=False)
+        return fixture["inputs"].float(), fixture["labels"]
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 100, (8,), generator=g)
+
+
+def one_step(channels_last=False, compile=False, amp="none"):
+    """Loss terms of one iteration from seed-0 weights, and every network's state afterwards."""
+    args = argparse.Namespace(channels_last=channels_last, compile=compile, amp=amp)
+    torch.manual_seed(0)
+    nets = build_networks("resnet20")
+    forward = prepare_networks(nets, args)
+    x, y = fixture_batch()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    nets.train()
+    terms, _ = train_step(nets, build_optimizers(nets), x, y, warmed_up_lambdas(LAMBDAS, 6), forward=forward,
+                          autocast=lambda: autocast(args, "cpu"))
+    return terms, nets.state_dict()
+
+
+@pytest.fixture(scope="module")
+def faithful():
+    return one_step()
+
+
+def assert_same_terms(fast, faithful, rtol):
+    assert fast.keys() == faithful.keys()
+    for name, value in faithful.items():
+        assert fast[name].item() == pytest.approx(value.item(), rel=rtol, abs=1e-7), name
+
+
+def test_channels_last_gives_the_faithful_losses(faithful):
+    terms, state = one_step(channels_last=True)
+    assert_same_terms(terms, faithful[0], rtol=1e-5)
+    # the plain modules still hold the weights (what checkpoints save), with the same keys
+    assert state.keys() == faithful[1].keys()
+
+
+@pytest.mark.slow  # torch.compile of six networks takes minutes on the CPU
+def test_compile_and_channels_last_give_the_faithful_losses(faithful):
+    terms, _ = one_step(channels_last=True, compile=True)
+    assert_same_terms(terms, faithful[0], rtol=1e-4)
+
+
+def test_bf16_autocast_stays_close_to_fp32(faithful):
+    terms, _ = one_step(amp="bf16")
+    reference = faithful[0]
+    for name in NETWORK_TOTALS:
+        assert terms[name].item() == pytest.approx(reference[name].item(), rel=BF16_TOLERANCE), name
+    total = sum(terms[n] for n in NETWORK_TOTALS).item()
+    assert total == pytest.approx(sum(reference[n] for n in NETWORK_TOTALS).item(), rel=BF16_TOLERANCE)
+    assert all(torch.isfinite(v) for v in terms.values())
+
+
+FAST = ["--model", "resnet20", "--lr", "0.02", "--steps-per-epoch", "3", "--eval-batches", "1",
+        "--train_batch_size", "8", "--test_batch_size", "8", "--quiet", "--seed", "1", "--data-on-device",
+        "--device", "cpu"]
+
+
+def test_data_on_device_run_logs_falling_loss_and_resumes_exactly(synthetic_root, tmp_path):
+    from ffsd.train import main
+    full, split = tmp_path / "full", tmp_path / "split"
+    main(FAST + ["--n_epochs", "5", "--data-root", str(synthetic_root), "--run-dir", str(full)])
+    assert json.loads((full / "args.json").read_text())["data_on_device"] is True
+    records = read_log(full)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["train/loss"] < records[0]["train/loss"]
+    assert (full / "finished").exists() and (full / "checkpoints" / "modelleader_best.pth").exists()
+    # stop after epoch 2, continue to the end: the device loader's generator is checkpointed, so the result is equal
+    main(FAST + ["--n_epochs", "3", "--data-root", str(synthetic_root), "--run-dir", str(split)])
+    main(FAST + ["--n_epochs", "5", "--data-root", str(synthetic_root), "--run-dir", str(split), "--resume"])
+    a = torch.load(full / "checkpoint.pt", weights_only=False)["networks"]
+    b = torch.load(split / "checkpoint.pt", weights_only=False)["networks"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train/loss"] for r in read_log(split)] == [r["train/loss"] for r in records]
