@@ -34,7 +34,9 @@ from common.results import paper_modules
 class Built:
     step: Callable                  # step(x, y): one training iteration
     deployed: torch.nn.Module       # the network a user would deploy
-    models: list = field(default_factory=list)  # every trained module
+    # every trained module, each callable on an image batch (parameter count, and FLOPs of the training step):
+    # modules fed with features rather than images (fusion modules, decoders) are wrapped with their producers.
+    models: list = field(default_factory=list)
     input_size: int = 32
     num_classes: int = 100
 

@@ -96,5 +96,8 @@ def barrier(ctx):
 
 
 def cleanup(ctx):
+    """Wait for every process (rank 0 may still be writing logs and checkpoints), then leave the group: a process
+    that tears its group down while another still uses it can abort the whole launch."""
     if ctx.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -19,7 +19,6 @@ import pathlib
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from okddip.losses import dml_loss, okddip_loss, one_loss, ramp_weight
 from okddip.models import IndependentNets, OKDDipBranches, ONEBranches

@@ -163,9 +163,10 @@ class Killed(Exception):
     pass
 
 
-def test_resume_mid_epoch_is_bit_exact(tmp_path, synthetic_root, monkeypatch):
+@pytest.mark.parametrize("loader", [(), ("--data-on-device",)], ids=["pil", "data-on-device"])
+def test_resume_mid_epoch_is_bit_exact(tmp_path, synthetic_root, monkeypatch, loader):
     common = ("--method", "dml", "--steps-per-epoch", "2", "--epoch_step", "[2]", "--epochs", "2",
-              "--save-every-steps", "1")
+              "--save-every-steps", "1", *loader)
     full = run_main(tmp_path, synthetic_root, "full", *common)
     saves = []
     real_save = dcm_main.save_checkpoint

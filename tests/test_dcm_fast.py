@@ -133,34 +133,6 @@ def test_smoke_data_on_device_loss_falls_and_logs(tmp_path, synthetic_root):
     assert "generator" in torch.load(run / "checkpoint.pt", weights_only=False)["train_loader"]
 
 
-class Killed(Exception):
-    pass
-
-
-def test_resume_mid_epoch_with_data_on_device_is_bit_exact(tmp_path, synthetic_root, monkeypatch):
-    common = ("--method", "dml", "--data-on-device", "--steps-per-epoch", "2", "--epochs", "2",
-              "--save-every-steps", "1")
-    full = run_main(tmp_path, synthetic_root, "full", *common)
-    saves = []
-    real_save = dcm_main.save_checkpoint
-
-    def save_then_die(*args, **kwargs):  # dies right after the checkpoint of epoch 2, step 1
-        real_save(*args, **kwargs)
-        saves.append(1)
-        if len(saves) == 4:
-            raise Killed
-    monkeypatch.setattr(dcm_main, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        run_main(tmp_path, synthetic_root, "part", *common)
-    monkeypatch.setattr(dcm_main, "save_checkpoint", real_save)
-    part = run_main(tmp_path, synthetic_root, "part", *common, "--resume")
-    a = torch.load(full / "checkpoint.pt", weights_only=False)
-    b = torch.load(part / "checkpoint.pt", weights_only=False)
-    for sa, sb in zip(a["nets"], b["nets"]):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert [r["train/loss"] for r in read_log(full)] == [r["train/loss"] for r in read_log(part)]
-
-
 def test_bench_cases_cover_every_published_pair_and_method():
     from dcm.bench import CASES
     assert {(c.method, c.arch) for c in CASES} == {

@@ -6,7 +6,6 @@ layer2 output. Heads are returned as [branch1, branch2, backbone].
 """
 import math
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
