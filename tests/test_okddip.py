@@ -185,3 +185,18 @@ def test_missing_data_is_clear(tmp_path):
     from okddip import train
     with pytest.raises(DatasetNotFoundError):
         train.main(["--data-root", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "r")] + TINY)
+
+
+def test_okddip_on_imagenet_under_torchrun(synthetic_root, tmp_path):
+    """Branch-based OKDDip with the ImageNet ResNet-34, 2 gloo processes: rank 0 alone writes one log line."""
+    import subprocess
+    import sys
+    okddip_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "okddip")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "train_GL.py", "--dataset", "imagenet", "--model", "resnet34", "--num_epochs", "1",
+                          "--steps-per-epoch", "1", "--eval-batches", "1", "--batch_size", "4", "--num_workers", "0",
+                          "--data-root", os.path.join(synthetic_root, "imagenet"), "--run-dir", str(tmp_path),
+                          "--quiet"], cwd=okddip_dir, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = read_log(str(tmp_path))
+    assert len(log) == 1 and math.isfinite(log[0]["train/loss"]) and "test/leader/top1" in log[0]
