@@ -6,28 +6,35 @@ tensors of its own, so the real parameters need no snapshot/rollback. What the a
 behind is reproduced explicitly: the real parameters are untouched, and every BatchNorm layer gets one extra
 running-statistics update from a train-mode forward at theta_0 (their last recomputation happens after the rollback).
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from mcl.losses import distill_kl, mcl_loss, stage_ce_sum
+from mcl.losses import at_least_fp32, distill_kl, mcl_loss, stage_ce_sum
 
 
-def training_loss(pair, embed_heads, aggregator, weight_net, x, y, args, contrast=None):
+def training_loss(pair, embed_heads, aggregator, weight_net, x, y, args, contrast=None,
+                  autocast=contextlib.nullcontext):
     """Forward everything and return every term of L = L_cls + L_kd + L_MCL (weights of the weight-net held
     constant, as in the ordinary step), plus the outputs. `contrast(embeddings, weights)` replaces the in-batch
-    contrast of CIFAR when given."""
-    features, logits = pair(x)
-    with torch.no_grad():
+    contrast of CIFAR when given. AUTOCAST() is the context of every module forward (bf16 on the fast path); every
+    loss term upcasts its inputs to float32 (losses.at_least_fp32)."""
+    with autocast():
+        features, logits = pair(x)
+    with torch.no_grad(), autocast():
         weights = weight_net(features)
-    stage_ce = [[F.cross_entropy(z, y) for z in net] for net in logits]
-    aggregated, stage_weights = aggregator(features, logits)
-    aggregated_ce = [F.cross_entropy(z, y) for z in aggregated]
+    stage_ce = [[F.cross_entropy(at_least_fp32(z), y) for z in net] for net in logits]
+    with autocast():
+        aggregated, stage_weights = aggregator(features, logits)
+    aggregated_ce = [F.cross_entropy(at_least_fp32(z), y) for z in aggregated]
     loss_cls = sum(sum(row) for row in stage_ce) + sum(aggregated_ce)
     # each network's final head learns from the aggregated logits of every network, its own included
     kd_terms = [[distill_kl(net[-1], agg.detach(), args.kd_T) for agg in aggregated] for net in logits]
     loss_kd = sum(sum(row) for row in kd_terms)
-    embeddings = embed_heads(features)
+    with autocast():
+        embeddings = embed_heads(features)
     if contrast is None:
         mcl = mcl_loss(embeddings, weights, y, args.tau, args.kd_T, args.alpha, args.gamma, args.beta, args.lam)
     else:
@@ -37,6 +44,16 @@ def training_loss(pair, embed_heads, aggregator, weight_net, x, y, args, contras
             "aggregator_stage_weights": stage_weights, "lwn_weights": weights, "embeddings": embeddings,
             "stage_ce": stage_ce, "aggregated_ce": aggregated_ce, "loss_cls": loss_cls, "logit_kd_terms": kd_terms,
             "loss_logit_kd": loss_kd, **mcl, "total": total}
+
+
+def train_step(pair, embed_heads, aggregator, weight_net, optimizer, x, y, args, autocast=contextlib.nullcontext):
+    """One ordinary L-MCL iteration (the meta step is separate): the loss, its backward, one optimizer step.
+    PAIR is the module to call (compiled / channels_last on the fast path)."""
+    optimizer.zero_grad()
+    out = training_loss(pair, embed_heads, aggregator, weight_net, x, y, args, autocast=autocast)
+    out["total"].backward()
+    optimizer.step()
+    return out
 
 
 class MetaStep:

@@ -4,6 +4,12 @@ import torch
 import torch.nn.functional as F
 
 
+def at_least_fp32(t):
+    """Half-precision outputs of the bf16 fast path (--amp bf16) are upcast before any softmax, log, KL or contrast;
+    float32 and float64 tensors pass through untouched, so the default path is unchanged bit for bit."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def contrast_masks(labels):
     """P: same class and not the anchor itself; O: every column but the anchor's own index (also across networks)."""
     off_diagonal = 1.0 - torch.eye(labels.size(0), device=labels.device)
@@ -40,6 +46,8 @@ def mcl_loss(embeddings, weights, labels, tau=0.1, T=3.0, alpha=0.1, gamma=1.0, 
     """Sum of the four terms over ordered network pairs (i, j), i != j, and head pairs (k, z), in the weight-net's
     order. L_MCL = alpha VCL + gamma SoftVCL + beta ICL + lam SoftICL. Both orderings are summed, as the authors do:
     the (j, i) half repeats the (i, j) half exactly, so the totals are twice the 9-combination sums."""
+    embeddings = [[at_least_fp32(e) for e in net] for net in embeddings]
+    weights = [at_least_fp32(w) for w in weights]
     positives, off_diagonal = contrast_masks(labels)
     totals = [0.0, 0.0, 0.0, 0.0]
     breakdown = []
@@ -65,10 +73,11 @@ def mcl_loss(embeddings, weights, labels, tau=0.1, T=3.0, alpha=0.1, gamma=1.0, 
 
 def distill_kl(student_logits, teacher_logits, T):
     # T^2 KL(softmax(t/T) || softmax(s/T)), batch mean
+    student_logits, teacher_logits = at_least_fp32(student_logits), at_least_fp32(teacher_logits)
     return F.kl_div(F.log_softmax(student_logits / T, dim=1), F.softmax(teacher_logits / T, dim=1),
                     reduction="batchmean") * T ** 2
 
 
 def stage_ce_sum(logits, labels):
     # sum_a sum_k CE(z_ak, y): the objective of the CE virtual step and of the meta objective
-    return sum(F.cross_entropy(z, labels) for net in logits for z in net)
+    return sum(F.cross_entropy(at_least_fp32(z), labels) for net in logits for z in net)

@@ -9,16 +9,16 @@ import signal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common.checkpoint import CHECKPOINT_NAME, ResumableEpoch, load_checkpoint, load_state_dict_checked, \
     save_checkpoint
 from common.data import cifar_datasets, cifar_test_transform, cifar_train_transform, make_loader
+from common.fast import DeviceCifarLoader, add_fast_args, autocast, prepare_model, resolve_fast_args
 from common.logging import FiniteGuard, RunLogger, add_common_args
 from common.meters import AccuracyMeter, AverageMeter, Timer
 from mcl.models import CIFAR_BASELINES, build_cifar_baseline
-from mcl.train_utils import LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, check_positive, evaluate_single, lr_at_epoch, \
-    set_lr
+from mcl.train_utils import LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, baseline_step, check_positive, evaluate_single, \
+    lr_at_epoch, set_lr
 
 SCRIPT = "mcl/main_cifar_baseline.py"
 
@@ -40,12 +40,13 @@ def get_parser():
     p.add_argument("--evaluate-checkpoint", default=None, help="default: <run-dir>/best.pt")
     p.add_argument("--checkpoint-dir", default="./checkpoint", help="parent of the default run folder")
     add_common_args(p, data_root_default="./data/", data_root_flags=("--data-root", "--data"))
+    add_fast_args(p)
     return p
 
 
 def main(argv=None):
     parser = get_parser()
-    args = parser.parse_args(argv)
+    args = resolve_fast_args(parser.parse_args(argv))
     check_positive(parser, args, ["epochs", "batch_size"])
     np.random.seed(args.manual_seed)
     torch.manual_seed(args.manual_seed)
@@ -61,9 +62,17 @@ def main(argv=None):
         "CIFAR100", args.data_root, cifar_train_transform(LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, "constant", "crop_flip"),
         cifar_test_transform(LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD))
     pin = device.type == "cuda"
-    train_loader = make_loader(train_set, args.batch_size, shuffle=True, workers=args.num_workers, pin_memory=pin)
-    test_loader = make_loader(test_set, args.batch_size, workers=args.num_workers, pin_memory=pin)
+    if args.data_on_device:  # uint8 CIFAR on the device: shuffled, last batch kept, zero-pad crop then flip
+        cifar = dict(device=device, mean=LMCL_CIFAR100_MEAN, std=LMCL_CIFAR100_STD, padding_mode="constant",
+                     order="crop_flip", channels_last=args.channels_last)
+        train_loader = DeviceCifarLoader(train_set, args.batch_size, train=True, shuffle=True, drop_last=False,
+                                         seed=args.manual_seed, **cifar)
+        test_loader = DeviceCifarLoader(test_set, args.batch_size, train=False, **cifar)
+    else:
+        train_loader = make_loader(train_set, args.batch_size, shuffle=True, workers=args.num_workers, pin_memory=pin)
+        test_loader = make_loader(test_set, args.batch_size, workers=args.num_workers, pin_memory=pin)
     model = model.to(device)
+    forward_model = prepare_model(model, args)  # channels_last / compiled; `model` keeps the plain state dict
     optimizer = torch.optim.SGD(model.parameters(), lr=args.init_lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
     logger = RunLogger(args.run_dir, args, script=SCRIPT, quiet=args.quiet, device=device)
@@ -74,7 +83,7 @@ def main(argv=None):
     if args.evaluate:
         ckpt = load_checkpoint(args.evaluate_checkpoint or best_path, expect_meta={"arch": args.arch})
         load_state_dict_checked(model, ckpt["net"])
-        record = evaluate_single(model, test_loader, device, args.eval_batches, logger.progress)
+        record = evaluate_single(forward_model, test_loader, device, args.eval_batches, logger.progress)
         logger.print(" ".join(f"{k} {v:.4f}" for k, v in record.items()))
         return record
 
@@ -83,6 +92,8 @@ def main(argv=None):
         ckpt = load_checkpoint(ckpt_path, expect_meta=run_meta, map_location=device, restore_rng=True)
         load_state_dict_checked(model, ckpt["net"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if args.data_on_device and ckpt.get("train_loader") is not None:  # its shuffle/augmentation generator
+            train_loader.load_state_dict(ckpt["train_loader"])
         start_epoch, epoch_resume, best = ckpt["epoch"], ckpt.get("epoch_state"), ckpt["best"]
         logger.truncate_after(start_epoch)
 
@@ -90,8 +101,9 @@ def main(argv=None):
 
     def save(epoch, epoch_state=None):
         guard.check(f"epoch {epoch + 1}", ckpt_path if os.path.exists(ckpt_path) else None)
+        loader_state = {"train_loader": train_loader.state_dict()} if args.data_on_device else {}
         save_checkpoint(ckpt_path, {"net": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                                    "epoch_state": epoch_state, "best": best}, meta=run_meta)
+                                    "epoch_state": epoch_state, "best": best, **loader_state}, meta=run_meta)
 
     kill_at = int(os.environ.get("MCL_KILL_AT_STEP", "0"))  # tests: SIGKILL after this global step
     step_global = start_epoch * len(train_loader) + (epoch_resume or {}).get("step", 0)
@@ -101,6 +113,10 @@ def main(argv=None):
         set_lr([optimizer], lr)
         model.train()
         timer, loss_meter, acc = Timer(), AverageMeter(), AccuracyMeter((1,))
+        if args.data_on_device:  # the device loader draws from its own generator: replay the epoch from its start
+            if epoch_resume:
+                train_loader.load_state_dict(epoch_resume["train_loader"])
+            loader_at_epoch_start = train_loader.state_dict()
         batches = ResumableEpoch(train_loader, resume=epoch_resume)
         if epoch_resume:
             vars(loss_meter).update(epoch_resume["meters"]["loss"])
@@ -111,22 +127,21 @@ def main(argv=None):
             if args.steps_per_epoch and step >= args.steps_per_epoch:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            _, logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            loss, logits = baseline_step(forward_model, optimizer, x, y, autocast=lambda: autocast(args, device))
             guard.update(loss)
             loss_meter.update(loss.item(), x.size(0))
             acc.update(logits, y)
             if args.save_every_steps and (step + 1) % args.save_every_steps == 0:
-                save(epoch, dict(batches.state(step + 1), meters={"loss": dict(vars(loss_meter)),
-                                                                  "acc": dict(vars(acc))}))
+                epoch_state = dict(batches.state(step + 1), meters={"loss": dict(vars(loss_meter)),
+                                                                    "acc": dict(vars(acc))})
+                if args.data_on_device:
+                    epoch_state["train_loader"] = loader_at_epoch_start
+                save(epoch, epoch_state)
             step_global += 1
             if kill_at and step_global == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         train_seconds = timer.elapsed()
-        test = evaluate_single(model, test_loader, device, args.eval_batches, logger.progress)
+        test = evaluate_single(forward_model, test_loader, device, args.eval_batches, logger.progress)
         if test["test/net/top1"] > best["acc"]:
             best.update(acc=test["test/net/top1"], epoch=epoch + 1)
             save_checkpoint(best_path, {"net": model.state_dict(), "epoch": epoch + 1, "acc": best["acc"]},

@@ -18,9 +18,10 @@ import torch
 from common.checkpoint import CHECKPOINT_NAME, ResumableEpoch, load_checkpoint, load_state_dict_checked, \
     save_checkpoint
 from common.data import ClassBalancedSampler, cifar_datasets, cifar_test_transform, cifar_train_transform, make_loader
+from common.fast import DeviceCifarLoader, add_fast_args, autocast, prepare_model, resolve_fast_args
 from common.logging import FiniteGuard, RunLogger, add_common_args
 from common.meters import AccuracyMeter, AverageMeter, Timer
-from mcl.lmcl import MetaStep, training_loss
+from mcl.lmcl import MetaStep, train_step
 from mcl.models import CIFAR_PAIRS, Aggregator, EmbedHeads, LossWeightNetwork, build_cifar_pair
 from mcl.train_utils import LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, check_positive, evaluate_pair, head_names, \
     lr_at_epoch, set_lr
@@ -62,12 +63,13 @@ def get_parser():
                    help="exact hypergradient (wd * alpha1 in the adjoint recursion) instead of the authors' "
                         "coefficient 1 (spec 3.7)")
     add_common_args(p, data_root_default="./data/", data_root_flags=("--data-root", "--data"))
+    add_fast_args(p)
     return p
 
 
 def main(argv=None):
     parser = get_parser()
-    args = parser.parse_args(argv)
+    args = resolve_fast_args(parser.parse_args(argv))
     check_positive(parser, args, ["epochs", "batch_size", "times", "meta_freq", "feat_dim", "kd_T", "tau"])
     if args.batch_size % 2 or args.batch_size // 2 > 100:
         parser.error(f"--batch-size {args.batch_size}: the sampler takes 2 images of batch/2 distinct classes, so it "
@@ -89,9 +91,17 @@ def main(argv=None):
         "CIFAR100", args.data_root, cifar_train_transform(LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, "constant", "crop_flip"),
         cifar_test_transform(LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD), flag="--data-root")
     sampler = ClassBalancedSampler(train_set.targets, m=2, batch_size=args.batch_size)
-    train_loader = make_loader(train_set, args.batch_size, sampler=sampler, workers=args.num_workers,
-                               pin_memory=device.type == "cuda")
-    test_loader = make_loader(test_set, args.batch_size, workers=args.num_workers, pin_memory=device.type == "cuda")
+    if args.data_on_device:  # uint8 CIFAR on the device; the same sampler, zero-pad crop then flip, the authors' mean/std
+        cifar = dict(device=device, mean=LMCL_CIFAR100_MEAN, std=LMCL_CIFAR100_STD, padding_mode="constant",
+                     order="crop_flip", channels_last=args.channels_last)
+        train_loader = DeviceCifarLoader(train_set, args.batch_size, train=True, sampler=sampler,
+                                         seed=args.manual_seed, **cifar)
+        test_loader = DeviceCifarLoader(test_set, args.batch_size, train=False, **cifar)
+    else:
+        train_loader = make_loader(train_set, args.batch_size, sampler=sampler, workers=args.num_workers,
+                                   pin_memory=device.type == "cuda")
+        test_loader = make_loader(test_set, args.batch_size, workers=args.num_workers,
+                                  pin_memory=device.type == "cuda")
 
     pair = pair.to(device)
     with torch.no_grad():  # widths of every head, as the authors derive them (a zero probe consumes no RNG)
@@ -104,6 +114,9 @@ def main(argv=None):
     embed_heads = EmbedHeads(rep_dim, args.number_stage, args.feat_dim).to(device)
     aggregator = Aggregator(rep_dim, args.number_stage).to(device)
     names = head_names(len(features), args.number_stage)
+    # the pair as called in the ordinary step and the test (channels_last / compiled on the fast path); `pair` stays
+    # the plain module: checkpoints, the meta step (never compiled) and the optimizers use it
+    forward_pair = prepare_model(pair, args)
 
     optimizer = torch.optim.SGD(list(pair.parameters()) + list(embed_heads.parameters()) +
                                 list(aggregator.parameters()), lr=args.init_lr, momentum=0.9, nesterov=True,
@@ -124,7 +137,7 @@ def main(argv=None):
         path = args.evaluate_checkpoint or best_path
         ckpt = load_checkpoint(path, expect_meta={"arch": args.arch})
         load_state_dict_checked(pair, ckpt["net"], "pair")
-        record = evaluate_pair(pair, test_loader, device, args.eval_batches, logger.progress)
+        record = evaluate_pair(forward_pair, test_loader, device, args.eval_batches, logger.progress)
         logger.print(" ".join(f"{k} {v:.4f}" for k, v in record.items()))
         return record
 
@@ -136,6 +149,8 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         weight_optimizer.load_state_dict(ckpt["weight_optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
+        if args.data_on_device and ckpt.get("train_loader") is not None:  # its augmentation generator
+            train_loader.load_state_dict(ckpt["train_loader"])
         start_epoch, epoch_resume, best = ckpt["epoch"], ckpt.get("epoch_state"), ckpt["best"]
         logger.truncate_after(start_epoch)
         logger.print(f"resumed from {ckpt_path} at epoch {start_epoch}"
@@ -148,6 +163,8 @@ def main(argv=None):
         state = {key: module.state_dict() for key, module in modules.items()}
         state.update(optimizer=optimizer.state_dict(), weight_optimizer=weight_optimizer.state_dict(),
                      sampler=sampler.state_dict(), epoch=epoch, epoch_state=epoch_state, best=best)
+        if args.data_on_device:
+            state["train_loader"] = train_loader.state_dict()
         save_checkpoint(ckpt_path, state, meta=run_meta)
 
     kill_at = int(os.environ.get("MCL_KILL_AT_STEP", "0"))  # tests: SIGKILL after this global step
@@ -161,6 +178,10 @@ def main(argv=None):
         meters = {name: AverageMeter() for name, _, _ in LOSS_LOG}
         accs = {name: AccuracyMeter((1,)) for row in names for name in row}
         accs.update({f"net{i + 1}/aggregated": AccuracyMeter((1,)) for i in range(len(names))})
+        if args.data_on_device:  # the device loader draws from its own generator: replay the epoch from its start
+            if epoch_resume:
+                train_loader.load_state_dict(epoch_resume["train_loader"])
+            loader_at_epoch_start = train_loader.state_dict()
         batches = ResumableEpoch(train_loader, resume=epoch_resume)
         if epoch_resume:
             for name, state in epoch_resume["meters"].items():
@@ -171,10 +192,8 @@ def main(argv=None):
             if args.steps_per_epoch and step >= args.steps_per_epoch:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad()
-            out = training_loss(pair, embed_heads, aggregator, weight_net, x, y, args)
-            out["total"].backward()
-            optimizer.step()
+            out = train_step(forward_pair, embed_heads, aggregator, weight_net, optimizer, x, y, args,
+                             autocast=lambda: autocast(args, device))
             guard.update(out["total"])
             for name, key, weight in LOSS_LOG:
                 w = getattr(args, weight) if isinstance(weight, str) else weight
@@ -187,14 +206,17 @@ def main(argv=None):
                 meta.step(x, y, lr, weight_optimizer)
             step_global += 1
             if args.save_every_steps and (step + 1) % args.save_every_steps == 0:
-                save(epoch, dict(batches.state(step + 1),
-                                 meters={k: dict(vars(m)) for k, m in (meters | accs).items()}))
+                epoch_state = dict(batches.state(step + 1),
+                                   meters={k: dict(vars(m)) for k, m in (meters | accs).items()})
+                if args.data_on_device:
+                    epoch_state["train_loader"] = loader_at_epoch_start
+                save(epoch, epoch_state)
             if kill_at and step_global == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         train_seconds = timer.elapsed()
         images = meters["loss"].count
 
-        test = evaluate_pair(pair, test_loader, device, args.eval_batches, logger.progress)
+        test = evaluate_pair(forward_pair, test_loader, device, args.eval_batches, logger.progress)
         if test["test/max_heads/top1"] > best["acc"]:  # the authors select on the max over every head
             best.update(acc=test["test/max_heads/top1"], epoch=epoch + 1)
             save_checkpoint(best_path, {"net": pair.state_dict(), "epoch": epoch + 1, "acc": best["acc"]},

@@ -1,11 +1,13 @@
 """Small pieces the scripts share: the authors' lr rule, head names for the logs, evaluation, flag checks, and the
 data/evaluation plumbing of the two ImageNet scripts (torchrun)."""
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from common.meters import AccuracyMeter, AverageMeter
+from mcl.losses import at_least_fp32
 
 # The authors' CIFAR-100 normalisation (its digits differ from common.data's CIFAR100_MEAN/STD)
 LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -18,6 +20,18 @@ def lr_at_epoch(args, epoch):
     if args.lr_type == "multistep":
         return args.init_lr * 0.1 ** sum(epoch >= m for m in args.milestones)
     return 0.0
+
+
+def baseline_step(model, optimizer, x, y, autocast=contextlib.nullcontext):
+    """One iteration of a network trained alone with CE (forward under AUTOCAST(), the CE in float32). Returns the
+    loss and the logits."""
+    with autocast():
+        _, logits = model(x)
+    loss = F.cross_entropy(at_least_fp32(logits), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss, logits
 
 
 def set_lr(optimizers, lr):
