@@ -14,6 +14,10 @@ from torch.func import functional_call
 
 from mcl.losses import at_least_fp32, distill_kl, mcl_loss, stage_ce_sum
 
+LOSS_LOG = (("loss", "total", 1.0), ("loss_cls", "loss_cls", 1.0), ("loss_logit_kd", "loss_logit_kd", 1.0),
+            ("loss_vcl", "vcl", "alpha"), ("loss_soft_vcl", "soft_vcl", "gamma"), ("loss_icl", "icl", "beta"),
+            ("loss_soft_icl", "soft_icl", "lam"))  # log name, loss key, weight (the authors log weighted terms)
+
 
 def training_loss(pair, embed_heads, aggregator, weight_net, x, y, args, contrast=None,
                   autocast=contextlib.nullcontext):

@@ -21,15 +21,12 @@ from common.data import ClassBalancedSampler, cifar_datasets, cifar_test_transfo
 from common.fast import DeviceCifarLoader, add_fast_args, autocast, prepare_model, resolve_fast_args
 from common.logging import FiniteGuard, RunLogger, add_common_args
 from common.meters import AccuracyMeter, AverageMeter, Timer
-from mcl.lmcl import MetaStep, train_step
+from mcl.lmcl import LOSS_LOG, MetaStep, train_step
 from mcl.models import CIFAR_PAIRS, Aggregator, EmbedHeads, LossWeightNetwork, build_cifar_pair
 from mcl.train_utils import LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, check_positive, evaluate_pair, head_names, \
     lr_at_epoch, set_lr
 
 SCRIPT = "mcl/main_layer_mcl_cifar_meta.py"
-LOSS_LOG = (("loss", "total", 1.0), ("loss_cls", "loss_cls", 1.0), ("loss_logit_kd", "loss_logit_kd", 1.0),
-            ("loss_vcl", "vcl", "alpha"), ("loss_soft_vcl", "soft_vcl", "gamma"), ("loss_icl", "icl", "beta"),
-            ("loss_soft_icl", "soft_icl", "lam"))  # log name, loss key, weight (the authors log weighted terms)
 
 
 def get_parser():

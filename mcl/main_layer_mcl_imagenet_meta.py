@@ -20,16 +20,13 @@ from common.checkpoint import CHECKPOINT_NAME, ResumableEpoch, load_checkpoint, 
 from common.distributed import cleanup, init_distributed, wrap_ddp
 from common.logging import FiniteGuard, RunLogger, add_common_args
 from common.meters import Timer, topk_correct
-from mcl.lmcl import training_loss
+from mcl.lmcl import LOSS_LOG, training_loss
 from mcl.memory_bank import ContrastiveIndices, MemoryBank, MemoryBankContrast, MemoryBankMetaStep
 from mcl.models import IMAGENET_PAIRS, Aggregator, EmbedHeads, LossWeightNetwork, build_imagenet_pair
 from mcl.train_utils import add_imagenet_args, check_positive, evaluate_heads, head_names, imagenet_data, \
     lr_at_epoch, reduce_sums, seed_epoch, set_lr, sync_buffers
 
 SCRIPT = "mcl/main_layer_mcl_imagenet_meta.py"
-LOSS_LOG = (("loss", "total", 1.0), ("loss_cls", "loss_cls", 1.0), ("loss_logit_kd", "loss_logit_kd", 1.0),
-            ("loss_vcl", "vcl", "alpha"), ("loss_soft_vcl", "soft_vcl", "gamma"), ("loss_icl", "icl", "beta"),
-            ("loss_soft_icl", "soft_icl", "lam"))  # log name, loss key, weight (the authors log weighted terms)
 
 
 def get_parser():
