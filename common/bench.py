@@ -1,7 +1,8 @@
 """Throughput and memory of every method's training step, measured (never asserted in tests).
 
     python -m common.bench [--method M ...] [--arch A ...] [--device cpu|cuda] [--batch 128] [--steps 20]
-                           [--warmup 3] [--fast] [--json out.json]
+                           [--warmup 3] [--fast] [--data-root DIR] [--imagenet-root DIR] [--workers N]
+                           [--no-e2e] [--json out.json]
     python -m common.bench --compare A.json B.json
 
 Each subproject declares its cases in `<paper>/bench.py` as `CASES`: a list of `BenchCase`s whose `build(device,
@@ -11,9 +12,18 @@ module (for the parameter count). Measured per case: training-step images/s on i
 --steps after --warmup), evaluation images/s of the deployed network, peak memory (CUDA max allocated, or the
 process's peak RSS on the CPU), forward FLOPs per image of the deployed network (torch's FLOP counter) and the
 achieved training FLOP rate (3x forward FLOPs of all trained networks as an estimate of forward+backward).
+
+End-to-end throughput ("e2e img/s") feeds the same step from the training script's own train loader (its dataset
+class, transforms, sampler, workers and pin_memory, or the device-resident loader with --data-on-device): images/s
+over --steps batches after --warmup, i.e. the steady state of an epoch. The data are the real ones under --data-root
+(CIFAR) or --imagenet-root when given, else a synthetic dataset written in the real on-disk format to a temporary
+folder (CIFAR pickles; for ImageNet, 448x448 JPEGs, a little larger than ImageNet's average, so decoding costs about
+what it costs on the real set).
+--workers overrides the scripts' loader workers (default: each script's own default).
 """
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -47,6 +57,9 @@ class BenchCase:
     method: str
     arch: str
     build: Callable                 # build(device, args) -> Built
+    # train_loader(data_root, device, args) -> the training script's own train loader (None: no end-to-end figure)
+    train_loader: Callable = None
+    dataset: str = "cifar100"       # the data the loader reads: cifar10 | cifar100 | imagenet
 
 
 def all_cases():
@@ -56,6 +69,19 @@ def all_cases():
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def device_name(device):
+    """The device in words, for the tables: the GPU's name, or the CPU model with its cores and torch threads."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    model = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def _peak_memory_mb(device):
@@ -73,6 +99,41 @@ def _timed(fn, n, device):
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def synthetic_root(dataset, images, folder):
+    """Write a synthetic DATASET with at least IMAGES training images under FOLDER; returns the data root."""
+    from common.synthetic import write_cifar, write_imagefolder
+    if dataset == "imagenet":
+        classes = 10
+        return write_imagefolder(os.path.join(folder, "imagenet"), num_classes=classes,
+                                 train_per_class=math.ceil(images / classes), val_per_class=1, size=448)
+    classes = 10 if dataset == "cifar10" else 100
+    write_cifar(folder, dataset, train_per_class=math.ceil(images / classes), test_per_class=1)
+    return folder
+
+
+def end_to_end(case, built, args):
+    """Images/s of the step fed by the script's own train loader (steady state: --steps batches after --warmup)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        real = args.imagenet_root if case.dataset == "imagenet" else args.data_root
+        root = real or synthetic_root(case.dataset, args.batch * (args.warmup + args.steps), tmp)
+        loader = case.train_loader(root, torch.device(args.device), args)
+        done, start = 0, None
+        while done < args.warmup + args.steps:  # a small synthetic set may take more than one pass
+            for x, y in loader:
+                if done == args.warmup:
+                    _sync(args.device)
+                    start = time.perf_counter()
+                x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+                if getattr(args, "channels_last", False):
+                    x = x.contiguous(memory_format=torch.channels_last)
+                built.step(x, y)
+                done += 1
+                if done == args.warmup + args.steps:
+                    break
+        _sync(args.device)
+        return args.steps * args.batch / (time.perf_counter() - start)
 
 
 def forward_flops(model, x):
@@ -107,26 +168,52 @@ def measure(case, args):
     for _ in range(args.warmup):
         evaluate()
     eval_s = _timed(evaluate, args.steps, device)
+    peak_mb = _peak_memory_mb(device)  # of the step and the evaluation, before a loader adds its dataset
     flops = forward_flops(built.deployed, x[:2].float().contiguous())
     trained_flops = sum(forward_flops(m, x[:2].float().contiguous()) for m in built.models) if built.models else flops
+    built.deployed.train()
+    e2e = end_to_end(case, built, args) if case.train_loader is not None and not args.no_e2e else None
     return {"paper": case.paper, "method": case.method, "arch": case.arch, "device": str(device),
             "batch": args.batch, "fast": bool(args.fast), "train_images_per_s": args.batch / step_s,
-            "eval_images_per_s": args.batch / eval_s, "peak_memory_mb": _peak_memory_mb(device),
+            "e2e_images_per_s": e2e, "workers": args.workers,
+            "eval_images_per_s": args.batch / eval_s, "peak_memory_mb": peak_mb,
             "deployed_gflops_per_image": flops / 1e9,
             "train_tflops_per_s": 3 * trained_flops * args.batch / step_s / 1e12,
             "parameters": sum(p.numel() for m in (built.models or [built.deployed]) for p in m.parameters()),
+            "steps": args.steps, "warmup": args.warmup, "device_name": device_name(device),
+            "options": {k: getattr(args, k) for k in ("data_on_device", "amp", "channels_last", "compile")},
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
 def print_table(rows):
-    head = f"{'paper':7s} {'method':16s} {'arch':22s} {'train img/s':>11s} {'eval img/s':>10s} " \
+    head = f"{'paper':7s} {'method':16s} {'arch':22s} {'train img/s':>11s} {'e2e img/s':>9s} {'eval img/s':>10s} " \
            f"{'peak MB':>9s} {'GFLOP/img':>9s} {'TFLOP/s':>8s}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['paper']:7s} {r['method']:16s} {r['arch']:22s} {r['train_images_per_s']:11.1f} "
+        e2e = f"{r['e2e_images_per_s']:9.1f}" if r.get("e2e_images_per_s") else f"{'-':>9s}"
+        print(f"{r['paper']:7s} {r['method']:16s} {r['arch']:22s} {r['train_images_per_s']:11.1f} {e2e} "
               f"{r['eval_images_per_s']:10.1f} {r['peak_memory_mb']:9.0f} {r['deployed_gflops_per_image']:9.3f} "
               f"{r['train_tflops_per_s']:8.3f}")
+
+
+def markdown_table(rows):
+    """The rows as a markdown table, headed by what they were measured on (device, torch, date, options)."""
+    setups = sorted({(r["device_name"], r["torch"], r["date"], json.dumps(r["options"], sort_keys=True))
+                     for r in rows})
+    lines = []
+    for name, version, date, options in setups:
+        on = [k for k, v in json.loads(options).items() if v not in (False, "none")]
+        lines.append(f"Measured on {name}, torch {version}, {date}; fast options: {', '.join(on) or 'none (faithful)'}.")
+    lines += ["", "| paper | method | arch | batch | train img/s | e2e img/s | eval img/s | peak MB | GFLOP/img "
+                  "| train TFLOP/s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        e2e = f"{r['e2e_images_per_s']:.1f}" if r.get("e2e_images_per_s") else "-"
+        lines.append(f"| {r['paper']} | {r['method']} | {r['arch'].replace('|', chr(92) + '|')} | {r['batch']} | "
+                     f"{r['train_images_per_s']:.1f} | {e2e} | {r['eval_images_per_s']:.1f} | "
+                     f"{r['peak_memory_mb']:.0f} | {r['deployed_gflops_per_image']:.3f} | "
+                     f"{r['train_tflops_per_s']:.3f} |")
+    return "\n".join(lines)
 
 
 def compare_files(a, b):
@@ -134,12 +221,15 @@ def compare_files(a, b):
         ra = {(r["paper"], r["method"], r["arch"]): r for r in json.load(f)}
     with open(b) as f:
         rb = {(r["paper"], r["method"], r["arch"]): r for r in json.load(f)}
-    print(f"{'paper':7s} {'method':16s} {'arch':22s} {'train B/A':>9s} {'eval B/A':>9s} {'mem B/A':>8s}")
+    print(f"{'paper':7s} {'method':16s} {'arch':22s} {'train B/A':>9s} {'e2e B/A':>9s} {'eval B/A':>9s} "
+          f"{'mem B/A':>8s}")
     for key in ra:
         if key in rb:
             x, y = ra[key], rb[key]
+            e2e = f"{y['e2e_images_per_s'] / x['e2e_images_per_s']:9.2f}" \
+                if x.get("e2e_images_per_s") and y.get("e2e_images_per_s") else f"{'-':>9s}"
             print(f"{key[0]:7s} {key[1]:16s} {key[2]:22s} "
-                  f"{y['train_images_per_s'] / x['train_images_per_s']:9.2f} "
+                  f"{y['train_images_per_s'] / x['train_images_per_s']:9.2f} {e2e} "
                   f"{y['eval_images_per_s'] / x['eval_images_per_s']:9.2f} "
                   f"{y['peak_memory_mb'] / max(x['peak_memory_mb'], 1e-9):8.2f}")
 
@@ -154,14 +244,28 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--data-root", help="the real CIFAR folder for the end-to-end figure (default: synthetic, "
+                                            "written in the real on-disk format to a temporary folder)")
+    parser.add_argument("--imagenet-root", help="the real ImageNet folder (train/, val/) for the ImageNet cases")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: each script's own)")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end (data pipeline) figure")
     parser.add_argument("--json", help="write the measurements here")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="ratio B/A per row")
     parser.add_argument("--list", action="store_true", help="list the cases")
+    parser.add_argument("--markdown", nargs="*", metavar="JSON",
+                        help="print a markdown table (of these JSON files, or of this run's measurements)")
     parser.add_argument("--case-index", type=int, default=None, help=argparse.SUPPRESS)
     add_fast_args(parser)
     args = parser.parse_args(argv)
     if args.compare:
         compare_files(*args.compare)
+        return 0
+    if args.markdown:
+        rows = []
+        for path in args.markdown:
+            with open(path) as f:
+                rows.extend(json.load(f))
+        print(markdown_table(rows))
         return 0
     resolve_fast_args(args)
     if args.threads:
@@ -201,6 +305,9 @@ def main(argv=None):
             with open(out) as f:
                 rows.extend(json.load(f))
     print_table(rows)
+    if args.markdown is not None and rows:
+        print()
+        print(markdown_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

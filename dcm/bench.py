@@ -11,7 +11,7 @@ import functools
 
 from common.bench import BenchCase, Built
 from common.fast import prepare_model
-from dcm.main import build_networks, make_optimizer, parse_args, train_step
+from dcm.main import build_networks, cifar_loaders, make_optimizer, parse_args, train_step
 from dcm.resnet import WRN
 
 NUM_CLASSES = 100  # CIFAR-100, as in table 1
@@ -38,11 +38,22 @@ def build(device, bench_args, method, net2):
                  num_classes=NUM_CLASSES)
 
 
+def train_loader(data_root, device, bench_args):
+    """main.py's own train loader (released: reflect pad, flip, crop, 4 workers; or the device-resident one)."""
+    flags = ["--dataroot", data_root, "--batch_size", str(bench_args.batch), "--device", str(device)]
+    if bench_args.workers is not None:
+        flags += ["--nthread", str(bench_args.workers)]
+    args = parse_args(flags)
+    for name in ("data_on_device", "channels_last"):
+        setattr(args, name, getattr(bench_args, name))
+    return cifar_loaders(args, device)[0]
+
+
 def _arch(net2):
     name = f"wrn-{DEPTH}-{WIDTH}"
     return name if net2 == "none" else f"{name}|{name if net2 == 'wrn' else 'mobilenet'}"
 
 
-CASES = [BenchCase("dcm", method, _arch(net2), functools.partial(build, method=method, net2=net2))
+CASES = [BenchCase("dcm", method, _arch(net2), functools.partial(build, method=method, net2=net2), train_loader)
          for method, net2 in (("dcm", "wrn"), ("dml", "wrn"), ("baseline", "none"),
                               ("dcm", "mobilenet"), ("dml", "mobilenet"), ("baseline", "mobilenet"))]

@@ -13,11 +13,14 @@ import torch
 import torch.nn as nn
 
 from common.bench import BenchCase, Built
+from common.distributed import init_distributed
 from common.fast import autocast
+from ffsd.options import parse
 
 from ffsd.losses import diversity_target
 from ffsd.training import build_networks, build_optimizers, forward_networks, prepare_networks, train_step, \
     warmed_up_lambdas
+from ffsd.train import make_loaders
 
 LAMBDAS = {"diversity": 1e-5, "fusion": 10.0, "self_distillation": 1000.0}
 CIFAR = ["resnet20", "resnet32", "resnet56", "wideresnet1602", "wideresnet4002", "densenet", "googlenet"]
@@ -56,6 +59,18 @@ def build(device, args, model, dataset):
                  num_classes=1000 if dataset == "imagenet" else 100)
 
 
-CASES = [BenchCase("ffsd", "FFSD", arch, partial(build, model=arch, dataset="cifar100")) for arch in CIFAR] + \
-        [BenchCase("ffsd", "FFSD", f"{arch} (ImageNet)", partial(build, model=arch, dataset="imagenet"))
-         for arch in IMAGENET]
+def train_loader(data_root, device, bench_args, model, dataset):
+    """cifar.py's / imagenet.py's own train loader (released: 8 workers; or the device-resident one)."""
+    flags = ["--model", model, "--dataroot", data_root, "--train_batch_size", str(bench_args.batch)]
+    if bench_args.workers is not None:
+        flags += ["--workers", str(bench_args.workers)]
+    args = parse(flags, dataset)
+    for name in ("data_on_device", "channels_last"):
+        setattr(args, name, getattr(bench_args, name))
+    return make_loaders(args, init_distributed(device), device)[0]
+
+
+CASES = [BenchCase("ffsd", "FFSD", arch, partial(build, model=arch, dataset="cifar100"),
+                   partial(train_loader, model=arch, dataset="cifar100")) for arch in CIFAR] + \
+        [BenchCase("ffsd", "FFSD", f"{arch} (ImageNet)", partial(build, model=arch, dataset="imagenet"),
+                   partial(train_loader, model=arch, dataset="imagenet"), "imagenet") for arch in IMAGENET]

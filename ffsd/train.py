@@ -89,6 +89,23 @@ def load_data(args, ctx):
             per_process_batch(args.test_batch_size, ctx))
 
 
+def make_loaders(args, ctx, device):
+    """(train loader, test loader, train set, train sampler): the released PIL pipeline (8 workers), or with
+    --data-on-device uint8 CIFAR on the device and the released augmentation (reflect pad, flip, crop) there. The
+    sampler is the DistributedSampler under torchrun (set_epoch each epoch), else None."""
+    train_set, test_set, train_batch, test_batch = load_data(args, ctx)
+    sampler = train_sampler(train_set, ctx, shuffle=True, seed=args.seed)
+    if args.data_on_device:
+        cifar = dict(device=device, mean=CIFAR100_MEAN, std=CIFAR100_STD, padding_mode="reflect",
+                     order="pad_flip_crop", channels_last=args.channels_last)
+        train_loader = DeviceCifarLoader(train_set, train_batch, train=True, shuffle=sampler is None, drop_last=False,
+                                         sampler=sampler, seed=args.seed, **cifar)
+        return train_loader, DeviceCifarLoader(test_set, test_batch, train=False, **cifar), train_set, sampler
+    pin = device.type == "cuda"
+    return (make_loader(train_set, train_batch, shuffle=True, workers=args.workers, pin_memory=pin, sampler=sampler),
+            make_loader(test_set, test_batch, workers=args.workers, pin_memory=pin), train_set, sampler)
+
+
 def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
     args = parse(argv, dataset)
     ctx = init_distributed(args.device)
@@ -108,18 +125,7 @@ def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
-    train_set, test_set, train_batch, test_batch = load_data(args, ctx)
-    sampler = train_sampler(train_set, ctx, shuffle=True, seed=args.seed)
-    if args.data_on_device:  # uint8 CIFAR on the device, the released augmentation (reflect pad, flip, crop) there
-        cifar = dict(device=device, mean=CIFAR100_MEAN, std=CIFAR100_STD, padding_mode="reflect",
-                     order="pad_flip_crop", channels_last=args.channels_last)
-        train_loader = DeviceCifarLoader(train_set, train_batch, train=True, shuffle=sampler is None, drop_last=False,
-                                         sampler=sampler, seed=args.seed, **cifar)
-        test_loader = DeviceCifarLoader(test_set, test_batch, train=False, **cifar)
-    else:
-        train_loader = make_loader(train_set, train_batch, shuffle=True, workers=args.workers,
-                                   pin_memory=device.type == "cuda", sampler=sampler)
-        test_loader = make_loader(test_set, test_batch, workers=args.workers, pin_memory=device.type == "cuda")
+    train_loader, test_loader, train_set, sampler = make_loaders(args, ctx, device)
 
     probe = 224 if dataset == "imagenet" else 32
     nets = build_networks(args.model, dataset, args.model_num, probe_size=probe).to(device)

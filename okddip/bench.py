@@ -13,7 +13,8 @@ import functools
 from common.bench import BenchCase, Built
 from common.fast import prepare_model
 from okddip import train, train_DML, train_GL, train_kd, train_one
-from okddip.engine import make_optimizer, optimize
+from common.distributed import init_distributed
+from okddip.engine import data, make_optimizer, optimize
 from okddip.models import plain_network
 
 FULL_RAMP_EPOCH = 100  # w(e) = 1: every distillation term is computed as in most of training
@@ -48,7 +49,23 @@ def build(device, bench_args, method, arch):
                  input_size=224 if dataset == "imagenet" else 32, num_classes=num_classes)
 
 
-CASES = [BenchCase("okddip", method, arch, functools.partial(build, method=method, arch=arch))
-         for arch in CIFAR_ARCHS for method in METHODS] + \
-        [BenchCase("okddip", method, "resnet34", functools.partial(build, method=method, arch="resnet34"))
-         for method in ("baseline", "okddip")]
+def train_loader(data_root, device, bench_args, method, dataset):
+    """The scripts' own train loader (engine.data: the released PIL pipeline with 8 workers, or the device one)."""
+    script, flags = METHODS[method]
+    flags = ["--dataset", dataset, "--data-root", data_root, "--batch_size", str(bench_args.batch)] + flags
+    if bench_args.workers is not None:
+        flags += ["--num_workers", str(bench_args.workers)]
+    args = script.parser().parse_args(flags)
+    for name in ("data_on_device", "channels_last"):
+        setattr(args, name, getattr(bench_args, name))
+    return data(args, init_distributed(device))[0]
+
+
+def case(method, arch):
+    dataset = "imagenet" if arch == "resnet34" else "CIFAR100"
+    return BenchCase("okddip", method, arch, functools.partial(build, method=method, arch=arch),
+                     functools.partial(train_loader, method=method, dataset=dataset), dataset.lower())
+
+
+CASES = [case(method, arch) for arch in CIFAR_ARCHS for method in METHODS] + \
+        [case(method, "resnet34") for method in ("baseline", "okddip")]

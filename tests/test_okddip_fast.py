@@ -120,12 +120,21 @@ def test_compile_keeps_every_loss_term_and_the_step(module, extra):
     fast = _terms(step, net, x.contiguous(memory_format=torch.channels_last), y)
     for k in ref:
         assert fast[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-5), k
-    # one full optimisation step through the compiled module updates the plain module's weights alike
-    opt_a, opt_b = make_optimizer(model, args), make_optimizer(fast_model, args)
-    optimize(model, opt_a, step, x, y, 100)
-    optimize(net, opt_b, step, x, y, 100)
-    for (name, a), b in zip(model.state_dict().items(), fast_model.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4), name
+    # One full optimisation step through the compiled module updates the plain module's weights alike. The first
+    # step from a fresh init is ill-conditioned in float32 (BN over 8 images): an eager channels_last step alone
+    # moves conv1.weight by ~2e-3, so the compiled step must stay within 3x that layout-to-layout spread.
+    layout_model = copy.deepcopy(model)
+    layout_args = copy.copy(args)
+    layout_args.compile = False
+    layout_net = prepare_model(layout_model.train(), layout_args)
+    for m, n, xb in ((model, model, x), (fast_model, net, x.contiguous(memory_format=torch.channels_last)),
+                     (layout_model, layout_net, x.contiguous(memory_format=torch.channels_last))):
+        optimize(n, make_optimizer(m, args), step, xb, y, 100)
+    plain, compiled, layout = (dict(m.state_dict()) for m in (model, fast_model, layout_model))
+    spread = max((plain[k].float() - layout[k].float()).abs().max().item() for k in plain)
+    assert 0 < spread < 1e-2  # float32 noise of an ill-conditioned step, not a different update
+    for name in plain:
+        assert (plain[name].float() - compiled[name].float()).abs().max().item() <= 3 * spread, name
 
 
 BF16_REL_TOL = 2e-2  # on the total loss and every term above 0.05 (bf16 keeps 8 bits of mantissa)
