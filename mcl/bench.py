@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from common.bench import BenchCase, Built
 from common.fast import autocast, prepare_model
+from mcl import main_cifar_baseline, main_layer_mcl_cifar_meta
 from mcl.lmcl import MetaStep, train_step
 from mcl.main_layer_mcl_cifar_meta import get_parser
 from mcl.models import Aggregator, EmbedHeads, LossWeightNetwork, build_cifar_baseline, build_cifar_pair, \
@@ -103,9 +104,22 @@ class PairForFlops(nn.Module):
         return self.pair(x)[1][0][-1]
 
 
+def train_loader(data_root, device, bench_args, script):
+    """The script's own train loader: shuffled for the baseline, the class-balanced sampler for L-MCL (the authors'
+    PIL pipeline with --num-workers processes, or the device-resident loader)."""
+    flags = ["--data-root", data_root, "--batch-size", str(bench_args.batch)]
+    if bench_args.workers is not None:
+        flags += ["--num-workers", str(bench_args.workers)]
+    args = script.get_parser().parse_args(flags)
+    for name in ("data_on_device", "channels_last"):
+        setattr(args, name, getattr(bench_args, name))
+    return script.cifar_loaders(args, device)[0]
+
+
 # the baselines of the two pairs' networks, then L-MCL without and with the meta step for each pair
-CASES = [BenchCase("mcl", "baseline", arch, partial(build_baseline, arch=f"{arch}_cifar"))
-         for arch in ("resnet32", "resnet110")]
+CASES = [BenchCase("mcl", "baseline", arch, partial(build_baseline, arch=f"{arch}_cifar"),
+                   partial(train_loader, script=main_cifar_baseline)) for arch in ("resnet32", "resnet110")]
 for name, pair_arch in (("resnet32", "lmcl_resnet32_cifar"), ("res32_res110", "lmcl_res32_res110_cifar")):
-    CASES += [BenchCase("mcl", "L-MCL", name, partial(build_lmcl, arch=pair_arch, meta=False)),
-              BenchCase("mcl", "L-MCL+meta", name, partial(build_lmcl, arch=pair_arch, meta=True))]
+    lmcl_loader = partial(train_loader, script=main_layer_mcl_cifar_meta)
+    CASES += [BenchCase("mcl", "L-MCL", name, partial(build_lmcl, arch=pair_arch, meta=False), lmcl_loader),
+              BenchCase("mcl", "L-MCL+meta", name, partial(build_lmcl, arch=pair_arch, meta=True), lmcl_loader)]

@@ -73,7 +73,7 @@ class MetaStep:
         self.pair, self.embed_heads, self.weight_net = pair, embed_heads, weight_net
         self.args, self.exact = args, exact
         self.momentum, self.weight_decay = 0.9, args.weight_decay
-        self.record = {}
+        self.record = {}  # objective values of the last hypergradient, detached tensors (no host sync per meta step)
 
     def _theta(self):
         named = [("pair." + k, v) for k, v in self.pair.named_parameters()]
@@ -107,10 +107,11 @@ class MetaStep:
         """L_s: weighted L_MCL for the first `times` steps, head-CE sum for the last one."""
         if s < self.args.times:
             out = self._mcl(theta, phi, buffers, x, y)
-            self.record.setdefault("inner", []).append({k: float(v.detach()) for k, v in out.items() if k != "mcl_breakdown"})
+            terms = {k: v.detach() for k, v in out.items() if k != "mcl_breakdown"}
+            self.record.setdefault("inner", []).append(terms)
             return out["loss_mcl"]
         loss = self._ce(theta, buffers, x, y)
-        self.record.setdefault("outer", []).append(float(loss.detach()))
+        self.record.setdefault("outer", []).append(loss.detach())
         return loss
 
     def hypergradient(self, x, y, lr):
@@ -134,7 +135,7 @@ class MetaStep:
             theta = {k: (theta[k].detach() - lr * b).requires_grad_(True) for k, b in zip(names, buf)}
 
         outer = self._ce(theta, buffers, x, y)
-        self.record.setdefault("outer", []).append(float(outer.detach()))
+        self.record.setdefault("outer", []).append(outer.detach())
         alpha0 = [g if g is not None else torch.zeros_like(theta[k]) for k, g in
                   zip(names, torch.autograd.grad(outer, [theta[k] for k in names], allow_unused=True))]
         alpha1 = [torch.zeros_like(a) for a in alpha0]

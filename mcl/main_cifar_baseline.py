@@ -15,7 +15,7 @@ from common.checkpoint import CHECKPOINT_NAME, ResumableEpoch, load_checkpoint, 
 from common.data import cifar_datasets, cifar_test_transform, cifar_train_transform, make_loader
 from common.fast import DeviceCifarLoader, add_fast_args, autocast, prepare_model, resolve_fast_args
 from common.logging import FiniteGuard, RunLogger, add_common_args
-from common.meters import AccuracyMeter, AverageMeter, Timer
+from common.meters import AccuracyMeter, Timer
 from mcl.models import CIFAR_BASELINES, build_cifar_baseline
 from mcl.train_utils import LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, baseline_step, check_positive, evaluate_single, \
     lr_at_epoch, set_lr
@@ -44,6 +44,23 @@ def get_parser():
     return p
 
 
+def cifar_loaders(args, device):
+    """(train loader, test loader): the authors' PIL pipeline (shuffled, last batch kept, zero-pad crop then flip,
+    their mean/std) with --num-workers processes, or with --data-on-device the same on the device."""
+    train_set, test_set = cifar_datasets(
+        "CIFAR100", args.data_root, cifar_train_transform(LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, "constant", "crop_flip"),
+        cifar_test_transform(LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD))
+    if args.data_on_device:
+        cifar = dict(device=device, mean=LMCL_CIFAR100_MEAN, std=LMCL_CIFAR100_STD, padding_mode="constant",
+                     order="crop_flip", channels_last=args.channels_last)
+        return (DeviceCifarLoader(train_set, args.batch_size, train=True, shuffle=True, drop_last=False,
+                                  seed=args.manual_seed, **cifar), DeviceCifarLoader(test_set, args.batch_size,
+                                                                                    train=False, **cifar))
+    pin = device.type == "cuda"
+    return (make_loader(train_set, args.batch_size, shuffle=True, workers=args.num_workers, pin_memory=pin),
+            make_loader(test_set, args.batch_size, workers=args.num_workers, pin_memory=pin))
+
+
 def main(argv=None):
     parser = get_parser()
     args = resolve_fast_args(parser.parse_args(argv))
@@ -58,19 +75,7 @@ def main(argv=None):
         args.run_dir = os.path.join(args.checkpoint_dir, f"main_cifar_baseline_arch_{args.arch}_dataset_"
                                                          f"{args.dataset}_seed{args.manual_seed}")
     device = torch.device(args.device)
-    train_set, test_set = cifar_datasets(
-        "CIFAR100", args.data_root, cifar_train_transform(LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, "constant", "crop_flip"),
-        cifar_test_transform(LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD))
-    pin = device.type == "cuda"
-    if args.data_on_device:  # uint8 CIFAR on the device: shuffled, last batch kept, zero-pad crop then flip
-        cifar = dict(device=device, mean=LMCL_CIFAR100_MEAN, std=LMCL_CIFAR100_STD, padding_mode="constant",
-                     order="crop_flip", channels_last=args.channels_last)
-        train_loader = DeviceCifarLoader(train_set, args.batch_size, train=True, shuffle=True, drop_last=False,
-                                         seed=args.manual_seed, **cifar)
-        test_loader = DeviceCifarLoader(test_set, args.batch_size, train=False, **cifar)
-    else:
-        train_loader = make_loader(train_set, args.batch_size, shuffle=True, workers=args.num_workers, pin_memory=pin)
-        test_loader = make_loader(test_set, args.batch_size, workers=args.num_workers, pin_memory=pin)
+    train_loader, test_loader = cifar_loaders(args, device)
     model = model.to(device)
     forward_model = prepare_model(model, args)  # channels_last / compiled; `model` keeps the plain state dict
     optimizer = torch.optim.SGD(model.parameters(), lr=args.init_lr, momentum=0.9, nesterov=True,
@@ -112,15 +117,19 @@ def main(argv=None):
         lr = lr_at_epoch(args, epoch)
         set_lr([optimizer], lr)
         model.train()
-        timer, loss_meter, acc = Timer(), AverageMeter(), AccuracyMeter((1,))
+        timer, acc = Timer(), AccuracyMeter((1,))
+        # sum of loss x batch size on the device, read at the epoch end (float64: the same bits as the former
+        # per-step loss.item() meter)
+        loss_sum, samples = torch.zeros((), dtype=torch.float64, device=device), 0
         if args.data_on_device:  # the device loader draws from its own generator: replay the epoch from its start
             if epoch_resume:
                 train_loader.load_state_dict(epoch_resume["train_loader"])
             loader_at_epoch_start = train_loader.state_dict()
         batches = ResumableEpoch(train_loader, resume=epoch_resume)
         if epoch_resume:
-            vars(loss_meter).update(epoch_resume["meters"]["loss"])
-            vars(acc).update(epoch_resume["meters"]["acc"])
+            m = epoch_resume["meters"]
+            loss_sum, samples = m["loss_sum"].to(device), m["samples"]
+            vars(acc).update(m["acc"])
         epoch_resume = None
         total = min(len(train_loader), args.steps_per_epoch) if args.steps_per_epoch else len(train_loader)
         for step, (x, y) in logger.progress(batches, desc=f"epoch {epoch + 1}/{args.epochs}", total=total):
@@ -129,10 +138,11 @@ def main(argv=None):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss, logits = baseline_step(forward_model, optimizer, x, y, autocast=lambda: autocast(args, device))
             guard.update(loss)
-            loss_meter.update(loss.item(), x.size(0))
+            loss_sum += loss.detach().double() * x.size(0)
+            samples += x.size(0)
             acc.update(logits, y)
             if args.save_every_steps and (step + 1) % args.save_every_steps == 0:
-                epoch_state = dict(batches.state(step + 1), meters={"loss": dict(vars(loss_meter)),
+                epoch_state = dict(batches.state(step + 1), meters={"loss_sum": loss_sum, "samples": samples,
                                                                     "acc": dict(vars(acc))})
                 if args.data_on_device:
                     epoch_state["train_loader"] = loader_at_epoch_start
@@ -141,17 +151,18 @@ def main(argv=None):
             if kill_at and step_global == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         train_seconds = timer.elapsed()
+        train_loss = loss_sum.item() / max(samples, 1)
         test = evaluate_single(forward_model, test_loader, device, args.eval_batches, logger.progress)
         if test["test/net/top1"] > best["acc"]:
             best.update(acc=test["test/net/top1"], epoch=epoch + 1)
             save_checkpoint(best_path, {"net": model.state_dict(), "epoch": epoch + 1, "acc": best["acc"]},
                             meta={"arch": args.arch})
         record = {"epoch": epoch + 1, "lr": lr, "epoch_time": timer.elapsed(),
-                  "images_per_s": loss_meter.count / max(train_seconds, 1e-9), "train/loss": loss_meter.avg,
+                  "images_per_s": samples / max(train_seconds, 1e-9), "train/loss": train_loss,
                   "train/net/top1": acc.per_sample()[1], **test}
         save(epoch + 1)
         logger.log_epoch(record)
-        logger.print(f"epoch {epoch + 1}/{args.epochs} lr {lr:.5f} train loss {loss_meter.avg:.4f} "
+        logger.print(f"epoch {epoch + 1}/{args.epochs} lr {lr:.5f} train loss {train_loss:.4f} "
                      f"test top-1 {test['test/net/top1']:.2f} (best {best['acc']:.2f}, epoch {best['epoch']})")
     logger.finish({"best_top1": best["acc"], "best_epoch": best["epoch"], "last": record})
     return record

@@ -106,7 +106,10 @@ def main(argv=None):
         seed_epoch(args.manual_seed, ctx.rank, epoch)
         model.train()
         timer = Timer()
-        sums = resume_meters or [0.0, 0.0, 0.0]  # this process's CE sum, top-1 count, samples
+        # this process's CE sum, top-1 count, samples: on the device in float64 (the same bits as the former
+        # per-step .item() sums), all-reduced only at save points and the epoch end
+        sums = torch.zeros(3, dtype=torch.float64, device=ctx.device) if resume_meters is None else \
+            torch.as_tensor(resume_meters, dtype=torch.float64, device=ctx.device)
         batches = ResumableEpoch(train_loader, resume={"step": resume_step, "epoch_rng": rng_state()})
         resume_step, resume_meters = 0, None
         total = min(len(train_loader), args.steps_per_epoch) if args.steps_per_epoch else len(train_loader)
@@ -120,8 +123,9 @@ def main(argv=None):
             loss.backward()
             optimizer.step()
             guard.update(loss)
-            sums = [sums[0] + loss.item() * y.size(0), sums[1] + topk_correct(logits, y, (1,)).item(),
-                    sums[2] + y.size(0)]
+            samples = sums.new_full((), y.size(0))  # a fill, not a host-to-device copy
+            sums += torch.stack([loss.detach().double() * y.size(0), topk_correct(logits, y, (1,))[0].double(),
+                                 samples])
             if args.save_every_steps and (step + 1) % args.save_every_steps == 0:
                 # totals over processes so far: rank 0 resumes from them, the others from zero
                 save(epoch, {"step": step + 1, "sums": reduce_sums(sums, ctx)})

@@ -20,7 +20,7 @@ from common.checkpoint import CHECKPOINT_NAME, ResumableEpoch, load_checkpoint, 
 from common.data import ClassBalancedSampler, cifar_datasets, cifar_test_transform, cifar_train_transform, make_loader
 from common.fast import DeviceCifarLoader, add_fast_args, autocast, prepare_model, resolve_fast_args
 from common.logging import FiniteGuard, RunLogger, add_common_args
-from common.meters import AccuracyMeter, AverageMeter, Timer
+from common.meters import AccuracyMeter, Timer
 from mcl.lmcl import LOSS_LOG, MetaStep, train_step
 from mcl.models import CIFAR_PAIRS, Aggregator, EmbedHeads, LossWeightNetwork, build_cifar_pair
 from mcl.train_utils import LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, check_positive, evaluate_pair, head_names, \
@@ -64,6 +64,23 @@ def get_parser():
     return p
 
 
+def cifar_loaders(args, device):
+    """(train loader, test loader, class-balanced sampler): the authors' PIL pipeline (zero-pad crop then flip, their
+    mean/std) with --num-workers processes, or with --data-on-device the same sampler and augmentation on the device."""
+    train_set, test_set = cifar_datasets(
+        "CIFAR100", args.data_root, cifar_train_transform(LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, "constant", "crop_flip"),
+        cifar_test_transform(LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD), flag="--data-root")
+    sampler = ClassBalancedSampler(train_set.targets, m=2, batch_size=args.batch_size)
+    if args.data_on_device:
+        cifar = dict(device=device, mean=LMCL_CIFAR100_MEAN, std=LMCL_CIFAR100_STD, padding_mode="constant",
+                     order="crop_flip", channels_last=args.channels_last)
+        return (DeviceCifarLoader(train_set, args.batch_size, train=True, sampler=sampler, seed=args.manual_seed,
+                                  **cifar), DeviceCifarLoader(test_set, args.batch_size, train=False, **cifar), sampler)
+    pin = device.type == "cuda"
+    return (make_loader(train_set, args.batch_size, sampler=sampler, workers=args.num_workers, pin_memory=pin),
+            make_loader(test_set, args.batch_size, workers=args.num_workers, pin_memory=pin), sampler)
+
+
 def main(argv=None):
     parser = get_parser()
     args = resolve_fast_args(parser.parse_args(argv))
@@ -84,21 +101,7 @@ def main(argv=None):
                                                          f"{args.dataset}_seed{args.manual_seed}")
     device = torch.device(args.device)
 
-    train_set, test_set = cifar_datasets(
-        "CIFAR100", args.data_root, cifar_train_transform(LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, "constant", "crop_flip"),
-        cifar_test_transform(LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD), flag="--data-root")
-    sampler = ClassBalancedSampler(train_set.targets, m=2, batch_size=args.batch_size)
-    if args.data_on_device:  # uint8 CIFAR on the device; the same sampler, zero-pad crop then flip, the authors' mean/std
-        cifar = dict(device=device, mean=LMCL_CIFAR100_MEAN, std=LMCL_CIFAR100_STD, padding_mode="constant",
-                     order="crop_flip", channels_last=args.channels_last)
-        train_loader = DeviceCifarLoader(train_set, args.batch_size, train=True, sampler=sampler,
-                                         seed=args.manual_seed, **cifar)
-        test_loader = DeviceCifarLoader(test_set, args.batch_size, train=False, **cifar)
-    else:
-        train_loader = make_loader(train_set, args.batch_size, sampler=sampler, workers=args.num_workers,
-                                   pin_memory=device.type == "cuda")
-        test_loader = make_loader(test_set, args.batch_size, workers=args.num_workers,
-                                  pin_memory=device.type == "cuda")
+    train_loader, test_loader, sampler = cifar_loaders(args, device)
 
     pair = pair.to(device)
     with torch.no_grad():  # widths of every head, as the authors derive them (a zero probe consumes no RNG)
@@ -166,13 +169,18 @@ def main(argv=None):
 
     kill_at = int(os.environ.get("MCL_KILL_AT_STEP", "0"))  # tests: SIGKILL after this global step
     step_global = start_epoch * len(train_loader) + (epoch_resume or {}).get("step", 0)
+    # the logged weight of every LOSS_LOG term, in float64 as the Python floats the authors multiplied by
+    loss_weights = torch.tensor([getattr(args, w) if isinstance(w, str) else w for _, _, w in LOSS_LOG],
+                                dtype=torch.float64, device=device)
     record = {}
     for epoch in range(start_epoch, args.epochs):
         lr = lr_at_epoch(args, epoch)
         set_lr([optimizer, weight_optimizer], lr)
         pair.train(), embed_heads.train(), aggregator.train()
         timer = Timer()
-        meters = {name: AverageMeter() for name, _, _ in LOSS_LOG}
+        # the epoch's sums of weight x term x batch size, kept on the device and read at the epoch end: float64
+        # products in the order of the former per-step .item() meters, so the logged means are the same bits
+        loss_sums, samples = torch.zeros(len(LOSS_LOG), dtype=torch.float64, device=device), 0
         accs = {name: AccuracyMeter((1,)) for row in names for name in row}
         accs.update({f"net{i + 1}/aggregated": AccuracyMeter((1,)) for i in range(len(names))})
         if args.data_on_device:  # the device loader draws from its own generator: replay the epoch from its start
@@ -181,8 +189,10 @@ def main(argv=None):
             loader_at_epoch_start = train_loader.state_dict()
         batches = ResumableEpoch(train_loader, resume=epoch_resume)
         if epoch_resume:
-            for name, state in epoch_resume["meters"].items():
-                vars((meters | accs)[name]).update(state)
+            m = epoch_resume["meters"]
+            loss_sums, samples = m["loss_sums"].to(device), m["samples"]
+            for name, state in m["acc"].items():
+                vars(accs[name]).update(state)
         epoch_resume = None
         total = min(len(train_loader), args.steps_per_epoch) if args.steps_per_epoch else len(train_loader)
         for step, (x, y) in logger.progress(batches, desc=f"epoch {epoch + 1}/{args.epochs}", total=total):
@@ -192,9 +202,9 @@ def main(argv=None):
             out = train_step(forward_pair, embed_heads, aggregator, weight_net, optimizer, x, y, args,
                              autocast=lambda: autocast(args, device))
             guard.update(out["total"])
-            for name, key, weight in LOSS_LOG:
-                w = getattr(args, weight) if isinstance(weight, str) else weight
-                meters[name].update(w * out[key].detach().item(), x.size(0))
+            terms = torch.stack([out[key].detach() for _, key, _ in LOSS_LOG]).double()
+            loss_sums += loss_weights * terms * x.size(0)
+            samples += x.size(0)
             for i, row in enumerate(names):
                 for j, name in enumerate(row):
                     accs[name].update(out["logits"][i][j], y)
@@ -203,15 +213,14 @@ def main(argv=None):
                 meta.step(x, y, lr, weight_optimizer)
             step_global += 1
             if args.save_every_steps and (step + 1) % args.save_every_steps == 0:
-                epoch_state = dict(batches.state(step + 1),
-                                   meters={k: dict(vars(m)) for k, m in (meters | accs).items()})
+                epoch_state = dict(batches.state(step + 1), meters={
+                    "loss_sums": loss_sums, "samples": samples, "acc": {k: dict(vars(a)) for k, a in accs.items()}})
                 if args.data_on_device:
                     epoch_state["train_loader"] = loader_at_epoch_start
                 save(epoch, epoch_state)
             if kill_at and step_global == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         train_seconds = timer.elapsed()
-        images = meters["loss"].count
 
         test = evaluate_pair(forward_pair, test_loader, device, args.eval_batches, logger.progress)
         if test["test/max_heads/top1"] > best["acc"]:  # the authors select on the max over every head
@@ -220,8 +229,8 @@ def main(argv=None):
                             meta={"arch": args.arch})
         best["per_net"] = [max(b, test[f"test/net{i + 1}/max_heads/top1"]) for i, b in enumerate(best["per_net"])]
         record = {"epoch": epoch + 1, "lr": lr, "epoch_time": timer.elapsed(),
-                  "images_per_s": images / max(train_seconds, 1e-9)}
-        record.update({f"train/{name}": m.avg for name, m in meters.items()})
+                  "images_per_s": samples / max(train_seconds, 1e-9)}
+        record.update({f"train/{name}": s / max(samples, 1) for (name, _, _), s in zip(LOSS_LOG, loss_sums.tolist())})
         record.update({f"train/{name}/top1": m.per_sample()[1] for name, m in accs.items()})
         record.update(test)
         save(epoch + 1)

@@ -156,6 +156,9 @@ def main(argv=None):
     # per-process sums of the epoch: weighted loss terms, top-1 counts of every head and aggregate, samples
     sum_names = [name for name, _, _ in LOSS_LOG] + [n for row in names for n in row] + \
         [f"net{i + 1}/aggregated" for i in range(len(names))] + ["samples"]
+    # the logged weight of every LOSS_LOG term, in float64 as the Python floats the authors multiplied by
+    loss_weights = torch.tensor([getattr(args, w) if isinstance(w, str) else w for _, _, w in LOSS_LOG],
+                                dtype=torch.float64, device=ctx.device)
     record = {}
     for epoch in range(start_epoch, args.epochs):
         lr = lr_at_epoch(args, epoch)
@@ -165,7 +168,10 @@ def main(argv=None):
         seed_epoch(args.manual_seed, ctx.rank, epoch)
         pair.train(), embed_heads.train(), aggregator.train()
         timer = Timer()
-        sums = resume_sums or [0.0] * len(sum_names)
+        # kept on the device in float64 (the same bits as the former per-step .item() sums); all-reduced only at
+        # save points and the epoch end
+        sums = torch.zeros(len(sum_names), dtype=torch.float64, device=ctx.device) if resume_sums is None else \
+            torch.as_tensor(resume_sums, dtype=torch.float64, device=ctx.device)
         batches = ResumableEpoch(train_loader, resume={"step": resume_step, "epoch_rng": rng_state()})
         resume_step, resume_sums = 0, None
         total = min(len(train_loader), args.steps_per_epoch) if args.steps_per_epoch else len(train_loader)
@@ -182,11 +188,11 @@ def main(argv=None):
             optimizer.step()
             contrast.update_memory_(out["embeddings"], ctx)  # final heads of every process, after the loss
             guard.update(out["total"])
-            values = [(getattr(args, w) if isinstance(w, str) else w) * out[key].item() * y.size(0)
-                      for _, key, w in LOSS_LOG]
-            values += [topk_correct(z, y, (1,)).item() for net in out["logits"] for z in net]
-            values += [topk_correct(z, y, (1,)).item() for z in out["aggregated_logits"]] + [y.size(0)]
-            sums = [s + v for s, v in zip(sums, values)]
+            terms = torch.stack([out[key].detach() for _, key, _ in LOSS_LOG]).double()
+            heads = [z for net in out["logits"] for z in net] + list(out["aggregated_logits"])
+            correct = torch.stack([topk_correct(z, y, (1,))[0] for z in heads]).double()
+            samples = sums.new_full((1,), y.size(0))  # a fill, not a host-to-device copy
+            sums += torch.cat([loss_weights * terms * y.size(0), correct, samples])
             if step % args.meta_freq == 0:
                 meta.step(x, y, lr, weight_optimizer, contrast_idx=contrast_idx)
             if args.save_every_steps and (step + 1) % args.save_every_steps == 0:

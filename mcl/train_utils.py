@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common.meters import AccuracyMeter, AverageMeter
+from common.meters import AccuracyMeter
 from mcl.losses import at_least_fp32
 
 # The authors' CIFAR-100 normalisation (its digits differ from common.data's CIFAR100_MEAN/STD)
@@ -49,30 +49,32 @@ def head_names(number_net, number_stage):
 @torch.no_grad()
 def evaluate_pair(pair, loader, device, eval_batches=0, progress=lambda it, **kw: it):
     """Eval-mode test of every head: per-head CE and top-1/top-5 (percent), the authors' test loss (sum of the head
-    CEs), and per network the maximum top-1 over its heads (what the released logs report)."""
+    CEs), and per network the maximum top-1 over its heads (what the released logs report). The CE sums stay on the
+    device in float64 (the same bits as summing .item() x batch size) and are read once at the end."""
     pair.eval()
-    loss_meter, head_loss, head_acc = AverageMeter(), None, None
+    loss_sums, head_acc, samples = None, None, 0  # loss_sums: [test loss, every head's CE] x batch size
     total = min(len(loader), eval_batches) if eval_batches else len(loader)
     for i, (x, y) in enumerate(progress(loader, desc="test", total=total)):
         if eval_batches and i >= eval_batches:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         _, logits = pair(x)
-        if head_loss is None:
-            head_loss = [[AverageMeter() for _ in net] for net in logits]
+        if head_acc is None:
             head_acc = [[AccuracyMeter() for _ in net] for net in logits]
         losses = [[F.cross_entropy(z, y) for z in net] for net in logits]
-        loss_meter.update(sum(sum(row) for row in losses).item(), x.size(0))
+        batch = torch.stack([sum(sum(row) for row in losses)] + [ce for row in losses for ce in row]).double()
+        loss_sums = batch * x.size(0) if loss_sums is None else loss_sums + batch * x.size(0)
+        samples += x.size(0)
         for i_net, net in enumerate(logits):
             for j, z in enumerate(net):
-                head_loss[i_net][j].update(losses[i_net][j].item(), x.size(0))
                 head_acc[i_net][j].update(z, y)
     names = head_names(len(head_acc), len(head_acc[0]))
-    record = {"test/loss": loss_meter.avg}
+    means = iter(v / max(samples, 1) for v in loss_sums.tolist())
+    record = {"test/loss": next(means)}
     for i_net, row in enumerate(head_acc):
         for j, meter in enumerate(row):
             acc = meter.per_sample()
-            record[f"test/{names[i_net][j]}/loss"] = head_loss[i_net][j].avg
+            record[f"test/{names[i_net][j]}/loss"] = next(means)  # heads in the order they were stacked
             record[f"test/{names[i_net][j]}/top1"] = acc[1]
             record[f"test/{names[i_net][j]}/top5"] = acc[5]
         record[f"test/net{i_net + 1}/max_heads/top1"] = max(m.per_sample()[1] for m in row)
@@ -82,18 +84,21 @@ def evaluate_pair(pair, loader, device, eval_batches=0, progress=lambda it, **kw
 
 @torch.no_grad()
 def evaluate_single(model, loader, device, eval_batches=0, progress=lambda it, **kw: it, name="net"):
+    """evaluate_pair for one network: CE (summed on the device in float64, read once) and top-1/top-5."""
     model.eval()
-    loss_meter, acc = AverageMeter(), AccuracyMeter()
+    loss_sum, samples, acc = torch.zeros((), dtype=torch.float64, device=device), 0, AccuracyMeter()
     total = min(len(loader), eval_batches) if eval_batches else len(loader)
     for i, (x, y) in enumerate(progress(loader, desc="test", total=total)):
         if eval_batches and i >= eval_batches:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         _, logits = model(x)
-        loss_meter.update(F.cross_entropy(logits, y).item(), x.size(0))
+        loss_sum += F.cross_entropy(logits, y).double() * x.size(0)
+        samples += x.size(0)
         acc.update(logits, y)
     top = acc.per_sample()
-    return {f"test/{name}/loss": loss_meter.avg, f"test/{name}/top1": top[1], f"test/{name}/top5": top[5]}
+    return {f"test/{name}/loss": loss_sum.item() / max(samples, 1), f"test/{name}/top1": top[1],
+            f"test/{name}/top5": top[5]}
 
 
 def check_positive(parser, args, names):
@@ -145,9 +150,10 @@ def sync_buffers(module, ctx):
 
 
 def reduce_sums(values, ctx):
-    """All-reduce a list of floats (sums and counts) in float64."""
+    """All-reduce sums and counts (a list of floats or a device tensor) in float64; returns a list of floats. The one
+    host sync of a training loop that keeps its sums on the device."""
     from common.distributed import all_reduce_sum
-    return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=ctx.device), ctx).tolist()
+    return all_reduce_sum(torch.as_tensor(values, dtype=torch.float64, device=ctx.device), ctx).tolist()
 
 
 @torch.no_grad()

@@ -182,6 +182,66 @@ def test_lmcl_smoke_with_meta_step(synthetic_root, tmp_path):
     assert ckpt["net"]["module_list.0.backbone.bn1.num_batches_tracked"].item() == 3  # 2 steps + 1 meta extra
 
 
+# log name -> (training_loss key, weight flag); the paper's weights, written out here rather than read from LOSS_LOG
+LOGGED_TERMS = {"loss": ("total", None), "loss_cls": ("loss_cls", None), "loss_logit_kd": ("loss_logit_kd", None),
+                "loss_vcl": ("vcl", "alpha"), "loss_soft_vcl": ("soft_vcl", "gamma"), "loss_icl": ("icl", "beta"),
+                "loss_soft_icl": ("soft_icl", "lam")}
+
+
+def recorded_steps(monkeypatch, script, name, batch_of, terms_of):
+    """Wrap SCRIPT's step function NAME so that every call appends (batch size, {term: float}) to the returned list."""
+    steps, step = [], getattr(script, name)
+
+    def recording(*args, **kwargs):
+        out = step(*args, **kwargs)
+        steps.append((batch_of(args), {k: v.item() for k, v in terms_of(out).items()}))
+        return out
+    monkeypatch.setattr(script, name, recording)
+    return steps
+
+
+def weighted_mean(steps, key, weight=1.0):
+    # as the former per-step .item() meters summed: Python float64 weight x term, times the batch size
+    total = 0.0
+    for n, terms in steps:
+        total += weight * terms[key] * n
+    return total / sum(n for n, _ in steps)
+
+
+def test_lmcl_logged_train_losses_are_weighted_means_of_the_step_terms(synthetic_root, tmp_path, monkeypatch):
+    """train/<term> = sum over steps of weight x term x batch size / samples, from the terms each step returned.
+    Distinct weights, so a swapped or missing weight shows; the means must be the same bits as the former meters'.
+    (The class-balanced sampler makes equal batches; the baseline test below has a short last batch.)"""
+    import mcl.main_layer_mcl_cifar_meta as script
+    keys = [key for key, _ in LOGGED_TERMS.values()]
+    steps = recorded_steps(monkeypatch, script, "train_step", lambda a: a[5].size(0),
+                           lambda out: {k: out[k].detach() for k in keys})
+    weights = {"alpha": 0.3, "gamma": 0.7, "beta": 0.2, "lam": 1.5}
+    run = tmp_path / "lmcl"
+    script.main(LMCL_SMOKE + ["--steps-per-epoch", "3", "--epochs", "1", "--data-root", str(synthetic_root),
+                              "--run-dir", str(run)] + [f"--{k}={v}" for k, v in weights.items()])
+    (record,) = read_log(run)
+    assert len(steps) == 3 and all(n == 8 for n, _ in steps)
+    for name, (key, flag) in LOGGED_TERMS.items():
+        assert record[f"train/{name}"] == weighted_mean(steps, key, weights[flag] if flag else 1.0), name
+    # and the logged terms add up to the logged total: no term missing, the weights logged are the loss's own
+    parts = sum(record[f"train/{name}"] for name in LOGGED_TERMS if name != "loss")
+    assert record["train/loss"] == pytest.approx(parts, rel=1e-5)
+
+
+def test_baseline_logged_train_loss_is_the_per_sample_mean(synthetic_root, tmp_path, monkeypatch):
+    """600 synthetic images in batches of 256: 256, 256, 88, so a mean over batches instead of samples shows."""
+    import mcl.main_cifar_baseline as script
+    steps = recorded_steps(monkeypatch, script, "baseline_step", lambda a: a[2].size(0),
+                           lambda out: {"loss": out[0].detach()})
+    run = tmp_path / "baseline"
+    script.main(BASELINE_SMOKE + ["--batch-size", "256", "--steps-per-epoch", "0", "--epochs", "1", "--data-root",
+                                  str(synthetic_root), "--run-dir", str(run)])
+    (record,) = read_log(run)
+    assert [n for n, _ in steps] == [256, 256, 88]
+    assert record["train/loss"] == weighted_mean(steps, "loss")
+
+
 @pytest.mark.slow
 def test_lmcl_mid_epoch_resume_is_bit_exact(synthetic_root, tmp_path):
     args = LMCL_SMOKE + ["--epochs", "2", "--steps-per-epoch", "3", "--data-root", synthetic_root]
