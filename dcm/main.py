@@ -10,10 +10,10 @@ released code: one SGD over both networks, rebuilt (momentum reset) at each lear
 reflect padding, CIFAR-10 normalisation constants. Unlike it, every head of both networks is evaluated each epoch,
 both networks are checkpointed, and --resume works.
 
-The fast path (common.fast; all off by default, `--fast` turns it all on): --data-on-device keeps CIFAR on the
-device and augments there with the released reflect padding and pad -> flip -> crop order; --amp bf16 runs the
-forwards under autocast while every softmax, CE and KL stays in fp32; --channels-last and --compile prepare the
-networks. Inside the training step nothing waits for the device: losses and accuracies are summed on it and read at
+The fast path (common.fast; all off by default; `--fast` turns it all on on a GPU, channels_last alone on the CPU):
+--data-on-device keeps CIFAR on the device and augments there with the released reflect padding and pad -> flip ->
+crop order; --amp bf16 runs the forwards under autocast while every softmax, CE and KL stays in fp32;
+--channels-last and --compile prepare the networks. Inside the training step nothing waits for the device: losses and accuracies are summed on it and read at
 the print interval (--print_freq) and at the epoch end.
 """
 import argparse

@@ -83,15 +83,15 @@ def parse(argv=None, dataset="cifar100"):
         parser.error(f"--temperature must be positive; got {args.temperature}")
     if args.start_epoch < 1:
         parser.error(f"--start_epoch must be >= 1; got {args.start_epoch}")
-    resolve_fast_args(args)
-    if dataset != "cifar100" and args.data_on_device:
-        if not args.fast:
-            parser.error("--data-on-device keeps CIFAR on the device; ImageNet is read through its data loader")
-        args.data_on_device = False  # --fast on ImageNet: the rest of the fast path only
     if args.device is None:
         import torch
         gpu = [int(i) for i in str(args.gpu_ids).split(",") if int(i) >= 0]
         args.device = f"cuda:{gpu[0]}" if gpu and torch.cuda.is_available() else "cpu"
+    resolve_fast_args(args)  # after the device: --fast depends on it
+    if dataset != "cifar100" and args.data_on_device:
+        if not args.fast:
+            parser.error("--data-on-device keeps CIFAR on the device; ImageNet is read through its data loader")
+        args.data_on_device = False  # --fast on ImageNet: the rest of the fast path only
     return args
 
 

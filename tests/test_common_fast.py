@@ -70,3 +70,29 @@ def test_device_loader_order_semantics(synthetic_root):
     balanced = DeviceCifarLoader(train, 128, "cpu", CIFAR100_MEAN, CIFAR100_STD, train=True, sampler=sampler)
     for _, labels in balanced:
         assert (labels[0::2] == labels[1::2]).all() and len(set(labels.tolist())) == 64
+
+
+def test_fast_turns_on_what_helps_on_the_run_s_device():
+    from argparse import Namespace
+
+    from common.fast import resolve_fast_args
+
+    def resolved(device, **given):
+        args = Namespace(fast=True, device=device, data_on_device=False, amp="none", channels_last=False,
+                         compile=False, **given)
+        resolve_fast_args(args)
+        return args.data_on_device, args.amp, args.channels_last, args.compile
+
+    assert resolved("cuda") == resolved("cuda:1") == (True, "bf16", True, True)
+    assert resolved("cpu") == (False, "none", True, False)  # bf16, compile and device data measured slower there
+    given = Namespace(fast=False, device="cpu", data_on_device=False, amp="bf16", channels_last=False, compile=True)
+    assert resolve_fast_args(given).amp == "bf16" and given.compile and not given.channels_last  # no --fast: as given
+    args = Namespace(fast=True, device="cpu", data_on_device=False, amp="none", channels_last=False, compile=True)
+    assert resolve_fast_args(args).compile and args.channels_last  # --fast --compile on the CPU keeps compile
+
+
+def test_ffsd_fast_follows_the_device_its_gpu_ids_pick():
+    from ffsd.options import parse
+    args = parse(["--fast", "--gpu_ids", "-1"])
+    assert args.device == "cpu" and (args.data_on_device, args.amp, args.channels_last, args.compile) == \
+        (False, "none", True, False)
