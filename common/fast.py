@@ -47,6 +47,12 @@ def resolve_fast_args(args):
     return args
 
 
+def at_least_fp32(t):
+    """T in at least float32: bf16/fp16 autocast outputs go to float32 (softmax, CE, KL stay fp32 under --amp),
+    float32 is returned as is and float64 stays float64 (the parity checkers run every model and loss in float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def autocast(args, device):
     """bf16 autocast when --amp bf16, else a no-op context. Losses should take `.float()` logits."""
     if getattr(args, "amp", "none") == "bf16":
