@@ -15,11 +15,13 @@ import hashlib
 import os
 import pickle
 import random
+import shutil
 
 import numpy as np
 import torch
 
-FORMAT = "okd-checkpoint/1"
+FORMAT = "okd-checkpoint/2"
+EARLIER_FORMATS = ("okd-checkpoint/1",)  # written before the epoch driver; their layout cannot be resumed
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -32,19 +34,6 @@ def rng_state():
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def seed_everything(seed, deterministic=False):
-    """Seed Python, NumPy and torch (CPU and CUDA); optionally force deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def set_rng_state(state):
@@ -126,6 +115,11 @@ def load_checkpoint(path, expect_meta=None, map_location="cpu", restore_rng=Fals
         state = torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt and was not loaded: {e}") from e
+    if isinstance(state, dict) and state.get("format") in EARLIER_FORMATS:
+        raise CheckpointError(
+            f"checkpoint {path} was written by an earlier version of this repository ({state['format']}); this version "
+            f"stores runs differently and cannot resume it. Start a new run (--overwrite, or another --run-dir), or "
+            f"finish this one with the version that wrote it. The file was not changed.")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a training checkpoint of this repository (no '{FORMAT}' format tag); "
@@ -169,11 +163,11 @@ def load_state_dict_checked(module, state_dict, what="network"):
 class ResumableEpoch:
     """One epoch of (step, batch) pairs that a mid-epoch checkpoint can replay exactly.
 
-    At the start of an epoch it records the RNG states (and the sampler's state) from which the loader draws its
-    order, augmentation seeds and worker seeds. state(step) is what a mid-epoch checkpoint stores; given it back
-    (`resume=`), the epoch re-creates the same loader iterator, fetches and drops the `step` batches already
-    trained on (so every RNG stream, worker ones included, advances exactly as before), then restores the RNG states
-    saved with the checkpoint and continues.
+    At the start of an epoch it records the RNG states, the sampler's state and the loader's own state (the
+    generator of a DeviceCifarLoader) from which the loader draws its order, augmentation and worker seeds.
+    state(step) is what a mid-epoch checkpoint stores; given it back (`resume=`), the epoch re-creates the same
+    loader iterator, fetches and drops the `step` batches already trained on (so every RNG stream, worker ones
+    included, advances exactly as before), then restores the RNG states saved with the checkpoint and continues.
     """
 
     def __init__(self, loader, resume=None):
@@ -181,14 +175,18 @@ class ResumableEpoch:
         self.sampler = getattr(loader, "sampler", None)
         if not hasattr(self.sampler, "state_dict"):
             self.sampler = None
+        stateful = hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")
         self.start_step = 0
         if resume is not None and resume.get("step", 0) > 0:
             self.start_step = resume["step"]
             set_rng_state(resume["epoch_rng"])
             if self.sampler is not None and resume.get("sampler") is not None:
                 self.sampler.load_state_dict(resume["sampler"])
+            if stateful and resume.get("loader") is not None:
+                loader.load_state_dict(resume["loader"])
         self.epoch_rng = rng_state()
         self.epoch_sampler = self.sampler.state_dict() if self.sampler is not None else None
+        self.epoch_loader = loader.state_dict() if stateful else None
         self.resume_rng = resume.get("rng") if resume is not None and self.start_step else None
 
     def __iter__(self):
@@ -201,4 +199,19 @@ class ResumableEpoch:
 
     def state(self, step):
         """For a checkpoint written after `step` batches of this epoch (the current RNG is saved with it)."""
-        return {"step": step, "epoch_rng": self.epoch_rng, "sampler": self.epoch_sampler, "rng": rng_state()}
+        return {"step": step, "epoch_rng": self.epoch_rng, "sampler": self.epoch_sampler,
+                "loader": self.epoch_loader, "rng": rng_state()}
+
+
+def keep_copy(path, copy_path):
+    """COPY_PATH becomes the file PATH is now (a hard link: no copy; a plain copy where links are not supported),
+    replaced atomically, so it survives PATH being overwritten later."""
+    folder = os.path.dirname(os.path.abspath(copy_path))
+    tmp = os.path.join(folder, f".{os.path.basename(copy_path)}.tmp-{os.getpid()}")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, copy_path)

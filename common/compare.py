@@ -31,11 +31,45 @@ def find_runs(paths):
 def load_run(run_dir):
     with open(os.path.join(run_dir, "args.json")) as f:
         args = json.load(f)
-    return {"dir": run_dir, "args": args, "log": read_log(run_dir)}
+    rows = None
+    if os.path.exists(os.path.join(run_dir, "rows.json")):  # written by reproduce.sh: the rows this run stands for
+        with open(os.path.join(run_dir, "rows.json")) as f:
+            rows = [(r["table"], r["row"]) for r in json.load(f)]
+    identity = args.get("identity", {})
+    return {"dir": run_dir, "args": args, "log": read_log(run_dir), "rows": rows,
+            "data": identity.get("data", "real"), "identity": identity}
 
 
 def matches(row, args):
     return all(json.loads(json.dumps(v)) == args.get(k) for k, v in row.match.items())
+
+
+def belongs(table, row, run):
+    """A run stands for a row when reproduce.sh said so (rows.json), else when its args.json has the row's values."""
+    if run["rows"] is not None:
+        return (table.id, row.name) in run["rows"]
+    return matches(row, run["args"])
+
+
+SEED_OPTIONS = ("seed", "manual_seed")
+
+
+def settings_groups(runs):
+    """Runs of one row grouped by their identity without the seed: more than one group means mixed settings."""
+    groups = {}
+    for run in runs:
+        options = {k: v for k, v in run["identity"].get("options", {}).items() if k not in SEED_OPTIONS}
+        key = json.dumps([run["identity"].get("script"), options, run["data"]], sort_keys=True)
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def first_difference(a, b):
+    oa, ob = a["identity"].get("options", {}), b["identity"].get("options", {})
+    for k in sorted(set(oa) | set(ob)):
+        if k not in SEED_OPTIONS and oa.get(k) != ob.get(k):
+            return f"--{k} {oa.get(k)!r} in {a['dir']} vs {ob.get(k)!r} in {b['dir']}"
+    return f"data {a['data']} vs {b['data']}"
 
 
 def run_value(row, run):
@@ -59,6 +93,12 @@ def summarise(row, runs):
         epochs.append(got[1])
         curves.append((run["dir"], got[2]))
         seeds.append(run["args"].get("seed", run["args"].get("manual_seed")))
+    groups = settings_groups(runs)
+    if len(groups) > 1:  # never average runs made with other settings
+        return {"row": row.name, "published": row.value, "published_std": row.std, "published_n": row.n,
+                "metric": row.metric, "protocol": row.protocol, "tolerance": row.tolerance, "n": len(runs),
+                "seeds": [], "curves": [], "mean": None, "std": None, "diff": None,
+                "verdict": f"mixed settings, not averaged: {first_difference(groups[0][0], groups[1][0])}"}
     line = {"row": row.name, "published": row.value, "published_std": row.std, "published_n": row.n,
             "metric": row.metric, "protocol": row.protocol, "tolerance": row.tolerance, "n": len(values),
             "seeds": seeds, "curves": curves, "mean": None, "std": None, "diff": None}
@@ -78,14 +118,16 @@ def summarise(row, runs):
     return line
 
 
-def compare(run_dirs, tables):
-    """Comparison lines per table for the runs found under run_dirs."""
+def compare(run_dirs, tables, include_synthetic=False):
+    """Comparison lines per table for the runs found under run_dirs. Runs on synthetic or digits data are left out
+    unless INCLUDE_SYNTHETIC (smoke runs), so they never enter a mean beside real runs."""
     runs = [load_run(d) for d in find_runs(run_dirs)]
+    runs = [r for r in runs if include_synthetic or r["data"] == "real"]
     report = []
     for table in tables:
         lines = []
         for row in table.rows:
-            row_runs = [r for r in runs if matches(row, r["args"])]
+            row_runs = [r for r in runs if belongs(table, row, r)]
             if row_runs:
                 lines.append(summarise(row, row_runs))
         if lines:
@@ -159,15 +201,20 @@ def main(argv=None):
     parser.add_argument("--table", action="append", help="only these table ids (repeatable)")
     parser.add_argument("--markdown", help="write the table here (default: comparison.md in the first folder)")
     parser.add_argument("--plot", help="write the curves here (default: comparison.png next to the markdown)")
+    parser.add_argument("--include-synthetic", action="store_true",
+                        help="also compare runs on synthetic or digits data (smoke runs; their numbers mean nothing)")
     args = parser.parse_args(argv)
 
     tables = [t for t in all_tables() if not args.table or t.id in args.table]
-    report, runs = compare(args.run_dirs, tables)
+    report, runs = compare(args.run_dirs, tables, args.include_synthetic)
+    skipped = len(find_runs(args.run_dirs)) - len(runs)
+    if skipped:
+        print(f"{skipped} run(s) on synthetic or digits data left out (--include-synthetic to compare them)")
     if not runs:
         print(f"no run directories (args.json + log.jsonl) under {', '.join(args.run_dirs)}")
         return 1
     text = to_markdown(report)
-    unmatched = [r["dir"] for r in runs if not any(matches(row, r["args"]) for t in tables for row in t.rows)]
+    unmatched = [r["dir"] for r in runs if not any(belongs(t, row, r) for t in tables for row in t.rows)]
     print(text if report else "no run matches a table row")
     if unmatched:
         print(f"{len(unmatched)} run(s) match no table row: " + ", ".join(unmatched[:5]))

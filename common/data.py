@@ -98,7 +98,7 @@ def cifar_datasets(name, root, train_transform, test_transform, download=False, 
     try:
         train = cls(root, train=True, transform=train_transform, download=download)
         test = cls(root, train=False, transform=test_transform, download=False)
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:  # OSError: a download without a network (urllib's URLError)
         if download:
             raise DatasetNotFoundError(
                 f"{name} could not be downloaded into {os.path.join(root, folder)} ({e}). Download {url} by hand, "
@@ -180,18 +180,19 @@ class ClassBalancedSampler(torch.utils.data.Sampler):
         self.classes = list(state["classes"])
 
 
-def read_synthetic_info(root, name):
-    """The synthetic writer's description of a folder, or None for real data."""
-    path = os.path.join(root, CIFAR_ARCHIVES[normalize_dataset_name(name)][0], SYNTHETIC_MARKER)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
-
-
-def seed_worker(worker_id):
-    """worker_init_fn that seeds NumPy and `random` from torch's per-worker seed (torch seeds itself)."""
-    import random
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+def data_kind(root):
+    """What a data folder holds: the `kind` written by common.synthetic / common.digits next to their data
+    ("synthetic", "digits"), else "real". Part of a run's identity, so a run on made-up data is never resumed or
+    mistaken for one on the real dataset."""
+    if not root:
+        return "real"
+    kinds = set()
+    for folder in [root] + [os.path.join(root, f) for f, _, _ in CIFAR_ARCHIVES.values()]:
+        path = os.path.join(folder, SYNTHETIC_MARKER)
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    kinds.add(json.load(f).get("kind", "synthetic"))
+            except (OSError, ValueError):
+                kinds.add("synthetic")
+    return "+".join(sorted(kinds)) if kinds else "real"

@@ -35,10 +35,11 @@ def init_distributed(device="cuda"):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = str(device).startswith("cuda") and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+    use_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    if use_cuda:  # one GPU per process under torchrun; the asked one (cuda:N) otherwise
+        index = local_rank if world_size > 1 else (torch.device(device).index or 0)
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
@@ -88,6 +89,15 @@ def all_reduce_sum(tensor, ctx):
 
 def all_reduce_mean(tensor, ctx):
     return all_reduce_sum(tensor, ctx) / ctx.world_size
+
+
+def broadcast_int(value, ctx):
+    """Rank 0's VALUE on every process (identity when not distributed)."""
+    if not ctx.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=ctx.device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
 
 
 def barrier(ctx):

@@ -8,6 +8,7 @@ offsets and flips it produces exactly the same pixels (tests/test_common_fast.py
 so fast runs are repeatable but not RNG-identical to the PIL pipeline.
 """
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +34,61 @@ FAST_ON_GPU = {"data_on_device": True, "amp": "bf16", "channels_last": True, "co
 FAST_ON_CPU = {"channels_last": True}
 
 
+@dataclass(frozen=True)
+class Fast:
+    """The fast path of one run, decided once (nanoGPT's `ctx`): built from the flags by `Fast.from_args`, or
+    directly (`Fast(device, amp="bf16")`) by the benches. Steps, evaluations and loaders take it as a value.
+
+    autocast()    the forward's autocast context (bf16 when amp == "bf16", else a no-op)
+    inputs(x, y)  a batch moved to the device (non_blocking), images in channels_last when asked
+    prepare(m)    the module to call: channels_last and/or torch.compile'd (m itself keeps the state to save)
+    Losses take `at_least_fp32(logits)`: fp32 softmax/CE/KL under autocast, float64 left alone.
+    """
+    device: torch.device = torch.device("cpu")
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    data_on_device: bool = False
+
+    @classmethod
+    def from_args(cls, args, device):
+        """The options of ARGS on DEVICE: --fast switches on what helps there (FAST_ON_GPU / FAST_ON_CPU), on top
+        of whatever was asked by name (`--fast --compile` on the CPU adds compile)."""
+        device = torch.device(device)
+        chosen = {name: getattr(args, name, default) for name, default in
+                  (("amp", "none"), ("channels_last", False), ("compile", False), ("data_on_device", False))}
+        if getattr(args, "fast", False):
+            chosen.update(FAST_ON_GPU if device.type == "cuda" else FAST_ON_CPU)
+        return cls(device, **chosen)
+
+    @property
+    def enabled(self):
+        return self.amp != "none" or self.channels_last or self.compile or self.data_on_device
+
+    def autocast(self):
+        if self.amp == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def inputs(self, x, y):
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def prepare(self, module):
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return torch.compile(module) if self.compile else module
+
+    def describe(self):
+        on = [n for n, v in (("data on device", self.data_on_device), (f"autocast {self.amp}", self.amp != "none"),
+                             ("channels_last", self.channels_last), ("compile", self.compile)) if v]
+        return ", ".join(on) or "off (the released math)"
+
+
+# Transitional: the scripts not yet on common.options still call these three.
 def resolve_fast_args(args):
-    """--fast switches on the fast options that help on the run's device (FAST_ON_GPU / FAST_ON_CPU); the others keep
-    their values, so `--fast --compile` on the CPU adds compile. cudnn.benchmark goes with --fast on GPUs."""
     if not getattr(args, "fast", False):
         return args
     on_gpu = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")).type \

@@ -57,43 +57,55 @@ def environment(device=None):
     return env
 
 
-def _jsonable(v):
+def jsonable(v):
     if isinstance(v, torch.Tensor):
         return v.item() if v.numel() == 1 else v.tolist()
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v
     return str(v)
 
 
 class RunLogger:
-    """Writes the run directory. Only the main process (rank 0) writes; other ranks get a silent logger."""
+    """Writes the run directory. Only the main process (rank 0) writes; other ranks get a silent logger.
 
-    def __init__(self, run_dir, args, script, enabled=True, quiet=False, device=None):
+    RECORD (a new run's args.json content) is written when given; a resumed run keeps the args.json it started with.
+    """
+
+    def __init__(self, run_dir, args=None, script=None, enabled=True, quiet=False, device=None, record=None):
         self.run_dir, self.enabled = run_dir, enabled
         self.quiet = quiet or not sys.stderr.isatty()
         self.writer = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        record = {"script": script, **{k: _jsonable(v) for k, v in vars(args).items()}, "env": environment(device)}
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(record, f, indent=2)
+        if script is not None:  # transitional: the scripts not yet on common.options pass args and script
+            record = {"script": script, **{k: jsonable(v) for k, v in vars(args).items()}, "env": environment(device)}
+        elif args is not None and not isinstance(args, dict):
+            raise TypeError("RunLogger(run_dir, record): record is the args.json dict")
+        else:
+            record = args if record is None else record
+        if record is not None:
+            with open(os.path.join(run_dir, "args.json"), "w") as f:
+                json.dump(record, f, indent=2)
         try:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(run_dir)
         except ImportError:
-            warnings.warn("tensorboardX is not installed: no event files; log.jsonl is still written")
+            pass  # log.jsonl is the record; event files are a convenience
 
     def progress(self, iterable, desc="", total=None, leave=False):
         if self.quiet or not self.enabled:
             return iterable
-        from tqdm import tqdm
+        try:
+            from tqdm import tqdm
+        except ImportError:  # progress bars are optional
+            return iterable
         return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True)
 
     def print(self, *msg):
@@ -104,7 +116,7 @@ class RunLogger:
         """Append one epoch's numbers to log.jsonl (durably) and to the event file. Needs an 'epoch' key."""
         if not self.enabled:
             return
-        record = {k: _jsonable(v) for k, v in record.items()}
+        record = {k: jsonable(v) for k, v in record.items()}
         with open(os.path.join(self.run_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -125,11 +137,21 @@ class RunLogger:
         with open(path, "w") as f:
             f.writelines(keep)
 
+    def keep_first(self, n):
+        """On resume: keep the first N records of log.jsonl (one per completed epoch), drop what came after."""
+        path = os.path.join(self.run_dir, "log.jsonl")
+        if not self.enabled or not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        with open(path, "w") as f:
+            f.writelines(lines[:n])
+
     def finish(self, summary=None):
         if not self.enabled:
             return
         with open(os.path.join(self.run_dir, FINISHED_NAME), "w") as f:
-            json.dump(_jsonable(dict(summary or {}, time=time.strftime("%Y-%m-%d %H:%M:%S"))), f)
+            json.dump(jsonable(dict(summary or {}, time=time.strftime("%Y-%m-%d %H:%M:%S"))), f)
         if self.writer is not None:
             self.writer.close()
 
@@ -148,22 +170,34 @@ class NonFiniteLossError(RuntimeError):
 
 
 class FiniteGuard:
-    """Accumulates 'every loss so far was finite' on the device; check() syncs and raises on the first failure.
+    """Watches the training loss without a host sync per step.
 
-    Call update(loss) every step (no host sync) and check() at the print interval and always before a checkpoint
-    is written, so a diverged state never overwrites the last good checkpoint.
+    update(loss, step) every step keeps, on the device, the first step whose loss was not finite. check(...) reads
+    it (at the print interval and before every checkpoint, so a diverged state is never saved over a good one) and
+    raises NonFiniteLossError saying exactly which step went wrong and what the kept checkpoints hold.
     """
 
     def __init__(self):
-        self.ok = None
+        self.first_bad = None
 
-    def update(self, loss):
-        finite = torch.isfinite(loss.detach()).all()
-        self.ok = finite if self.ok is None else self.ok & finite
+    def update(self, loss, step=0):
+        bad = ~torch.isfinite(loss.detach()).all()
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
 
-    def check(self, where, checkpoint=None):
-        if self.ok is not None and not bool(self.ok):
-            kept = f" The last good checkpoint {checkpoint} is intact; resume from it with --resume" \
+    def failed_step(self):
+        """The first step whose loss was NaN or inf since the last reset, or None (one host read)."""
+        if self.first_bad is None:
+            return None
+        step = int(self.first_bad)
+        return None if step < 0 else step
+
+    def check(self, where, checkpoint=None, kept=""):
+        """Legacy form for the scripts not yet on common.loop: raise if any loss since the last check was bad."""
+        step = self.failed_step()
+        self.first_bad = None
+        if step is not None:
+            note = f" The last good checkpoint {checkpoint} is intact; resume from it with --resume" \
                    f" (after lowering the learning rate, for instance)." if checkpoint else ""
-            raise NonFiniteLossError(f"the training loss became NaN or inf (detected at {where}); run stopped.{kept}")
-        self.ok = None
+            raise NonFiniteLossError(f"the training loss became NaN or inf (detected at {where}); run stopped.{note}")

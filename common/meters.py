@@ -1,12 +1,120 @@
-"""Meters: running averages, top-k accuracy (per-sample and per-batch-mean), timers."""
+"""Meters: named running sums kept on the device, top-k accuracy, a wall-clock timer.
+
+`Meter` is the one meter of the repository: every training loop and every evaluation feeds it a dict of 0-d tensors
+per batch, `update(values, n)`, and reads means once, at the epoch end. It keeps, in float64 on the values' device,
+the sum of value x n (for the per-sample mean, the right number) and the sum of values (for the unweighted mean over
+batches, which several authors' scripts logged; they differ when the last batch is smaller). No host sync per batch.
+"""
 import time
 
 import torch
 
 
-class AverageMeter:
-    """Running average weighted by n (pass n = batch size for a per-sample mean, n = 1 for a per-batch mean)."""
+class Meter:
+    def __init__(self):
+        self.names = []           # in order of first appearance
+        self.sums = None          # float64 (2, len(names)): [sum of value x n, sum of value]
+        self.samples = []         # per name: sum of n
+        self.batches = []         # per name: number of updates
+        self._index = {}          # tuple of names -> (positions, index tensor): one index_add per update
 
+    def update(self, values, n=1):
+        """Add one batch: VALUES {name: 0-d tensor or number}, N samples."""
+        if not values:
+            return
+        names = tuple(values)
+        new = [k for k in names if k not in self.names]
+        if new:
+            self.names += new
+            self.samples += [0] * len(new)
+            self.batches += [0] * len(new)
+        device = next((v.device for v in values.values() if torch.is_tensor(v)), torch.device("cpu"))
+        row = torch.stack([(v.detach() if torch.is_tensor(v) else torch.tensor(v, device=device))
+                           .to(torch.float64).reshape(()) for v in values.values()])
+        if self.sums is None or self.sums.size(1) < len(self.names) or self.sums.device != row.device:
+            grown = torch.zeros(2, len(self.names), dtype=torch.float64, device=row.device)
+            if self.sums is not None:
+                grown[:, : self.sums.size(1)] = self.sums.to(row.device)
+            self.sums = grown
+        cached = self._index.get(names)
+        if cached is None or cached[1].device != row.device:
+            positions = [self.names.index(k) for k in names]
+            cached = self._index[names] = (positions, torch.tensor(positions, device=row.device))
+        positions, index = cached
+        self.sums.index_add_(1, index, torch.stack([row * n, row]))
+        for i in positions:
+            self.samples[i] += n
+            self.batches[i] += 1
+
+    def per_sample(self, prefix=""):
+        """{prefix + name: sum of value x n / sum of n} as floats (one host read)."""
+        sums = self.sums[0].tolist() if self.sums is not None else []
+        return {prefix + k: s / max(c, 1) for k, s, c in zip(self.names, sums, self.samples)}
+
+    def per_batch(self, prefix=""):
+        """{prefix + name: mean of the batches' values} as floats (one host read)."""
+        sums = self.sums[1].tolist() if self.sums is not None else []
+        return {prefix + k: s / max(c, 1) for k, s, c in zip(self.names, sums, self.batches)}
+
+    @property
+    def count(self):
+        """Samples seen (by the names updated most)."""
+        return max(self.samples, default=0)
+
+    def all_reduce(self, ctx):
+        """Sum the meter over the processes of a distributed run (every process must hold the same names)."""
+        if not getattr(ctx, "distributed", False) or self.sums is None:
+            return self
+        import torch.distributed as dist
+        packed = torch.cat([self.sums.reshape(-1), torch.tensor(self.samples + self.batches, dtype=torch.float64,
+                                                                 device=self.sums.device)])
+        dist.all_reduce(packed)
+        k = len(self.names)
+        self.sums = packed[: 2 * k].reshape(2, k)
+        self.samples = [int(v) for v in packed[2 * k: 3 * k].tolist()]
+        self.batches = [int(v) for v in packed[3 * k:].tolist()]
+        return self
+
+    def state_dict(self):
+        return {"names": list(self.names), "sums": None if self.sums is None else self.sums.cpu(),
+                "samples": list(self.samples), "batches": list(self.batches)}
+
+    def load_state_dict(self, state, device=None):
+        self.names, self.samples, self.batches = list(state["names"]), list(state["samples"]), list(state["batches"])
+        self.sums = None if state["sums"] is None else state["sums"].to(device or "cpu")
+        self._index = {}
+        return self
+
+
+@torch.no_grad()
+def topk_correct(logits, target, topk=(1, 5)):
+    """Number of samples whose target is among the k highest logits, for each k (a tensor on logits' device)."""
+    maxk = min(max(topk), logits.size(1))
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target.view(-1, 1))
+    return torch.stack([hit[:, : min(k, maxk)].any(dim=1).sum() for k in topk]).to(torch.float64)
+
+
+def topk_accuracy(logits, target, topk=(1, 5), prefix=""):
+    """{prefix + 'top<k>': batch accuracy in percent (0-d tensor)} for Meter.update."""
+    correct = topk_correct(logits, target, topk) * (100.0 / target.size(0))
+    return {f"{prefix}top{k}": c for k, c in zip(topk, correct.unbind())}
+
+
+class Timer:
+    """Wall-clock timer; synchronises CUDA before reading so GPU work is counted."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def elapsed(self):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return time.perf_counter() - self.start
+
+
+# Transitional: the scripts not yet on common.loop still use these two.
+class AverageMeter:
     def __init__(self):
         self.sum, self.count, self.val = 0.0, 0, 0.0
 
@@ -21,27 +129,11 @@ class AverageMeter:
         return self.sum / self.count if self.count else 0.0
 
 
-@torch.no_grad()
-def topk_correct(logits, target, topk=(1, 5)):
-    """Number of samples whose target is among the k highest logits, for each k (a tensor on logits' device)."""
-    maxk = min(max(topk), logits.size(1))
-    pred = logits.topk(maxk, dim=1).indices
-    hit = pred.eq(target.view(-1, 1))
-    return torch.stack([hit[:, : min(k, maxk)].any(dim=1).sum() for k in topk]).float()
-
-
 def accuracy(logits, target, topk=(1, 5)):
-    """Top-k accuracy of one batch in percent, as a list of floats."""
     return [100.0 * c / target.size(0) for c in topk_correct(logits, target, topk).tolist()]
 
 
 class AccuracyMeter:
-    """Top-k accuracy over an epoch, kept on the device until read (no host sync per batch).
-
-    `per_sample` is the correct-count over all samples (the right number). `per_batch_mean` is the unweighted mean
-    of the batches' accuracies, which several authors' scripts logged; it differs when the last batch is smaller.
-    """
-
     def __init__(self, topk=(1, 5)):
         self.topk = tuple(topk)
         self.correct = None
@@ -50,7 +142,7 @@ class AccuracyMeter:
         self.batches = 0
 
     def update(self, logits, target):
-        correct = topk_correct(logits.detach(), target, self.topk)
+        correct = topk_correct(logits.detach(), target, self.topk).float()
         batch_acc = correct * (100.0 / target.size(0))
         self.correct = correct if self.correct is None else self.correct + correct
         self.batch_acc_sum = batch_acc if self.batch_acc_sum is None else self.batch_acc_sum + batch_acc
@@ -66,18 +158,3 @@ class AccuracyMeter:
         if not self.batches:
             return {k: 0.0 for k in self.topk}
         return dict(zip(self.topk, (self.batch_acc_sum / self.batches).tolist()))
-
-
-class Timer:
-    """Wall-clock timer; synchronises CUDA before reading so GPU work is counted."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def elapsed(self):
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        return time.perf_counter() - self.start
-
-    def reset(self):
-        self.start = time.perf_counter()

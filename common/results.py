@@ -52,6 +52,7 @@ class Run:
     dataset: str = "cifar100"  # which synthetic folder --data-root points at: cifar10, cifar100, imagenet
     launcher: str = "python"
     nproc: int = 1
+    rows: tuple = ()  # ((table id, row name), ...): the table rows this run exercises at smoke scale
 
 
 def paper_modules(name):

@@ -69,7 +69,7 @@ def write_cifar(root, name="cifar100", train_per_class=None, test_per_class=None
                   os.path.join(folder, split))
         _dump({"fine_label_names": fine, "coarse_label_names": coarse}, os.path.join(folder, "meta"))
     with open(os.path.join(folder, SYNTHETIC_MARKER), "w") as f:
-        json.dump({"synthetic": True, "seed": seed, "num_classes": num_classes, "train": int(len(y_train)),
+        json.dump({"kind": "synthetic", "synthetic": True, "seed": seed, "num_classes": num_classes, "train": int(len(y_train)),
                    "test": int(len(y_test))}, f)
     return folder
 
@@ -87,6 +87,8 @@ def write_imagefolder(root, num_classes=4, train_per_class=12, val_per_class=4, 
             d = os.path.join(root, split, wnids[y])
             os.makedirs(d, exist_ok=True)
             Image.fromarray(img).save(os.path.join(d, f"{wnids[y]}_{j}.JPEG"), quality=95)
+    with open(os.path.join(root, SYNTHETIC_MARKER), "w") as f:
+        json.dump({"kind": "synthetic", "seed": seed, "num_classes": num_classes}, f)
     return root
 
 
