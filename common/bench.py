@@ -22,6 +22,7 @@ what it costs on the real set).
 --workers overrides the scripts' loader workers (default: each script's own default).
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -36,7 +37,10 @@ from typing import Callable
 
 import torch
 
-from common.fast import add_fast_args, autocast, resolve_fast_args
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from common.fast import Fast, add_fast_args
 from common.results import paper_modules
 
 
@@ -49,6 +53,9 @@ class Built:
     models: list = field(default_factory=list)
     input_size: int = 32
     num_classes: int = 100
+    # further iterations of the method worth timing beside the ordinary step, e.g. {"meta": callable(x, y)}: the
+    # row reports each one's time as a multiple of the ordinary step
+    extra_steps: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -60,6 +67,55 @@ class BenchCase:
     # train_loader(data_root, device, args) -> the training script's own train loader (None: no end-to-end figure)
     train_loader: Callable = None
     dataset: str = "cifar100"       # the data the loader reads: cifar10 | cifar100 | imagenet
+
+
+def _build(case, fast, args):
+    """case.build(fast, batch) -> Built; cases still written for (device, args) are given those."""
+    if "fast" in inspect.signature(case.build).parameters:
+        return case.build(fast=fast, batch=args.batch)
+    return case.build(fast.device, _legacy_args(fast, args))
+
+
+def _train_loader(case, root, fast, args):
+    if "fast" in inspect.signature(case.train_loader).parameters:
+        return case.train_loader(root, fast=fast, batch=args.batch, workers=args.workers)
+    return case.train_loader(root, fast.device, _legacy_args(fast, args))
+
+
+def _legacy_args(fast, args):
+    legacy = argparse.Namespace(**vars(args))
+    for name in ("amp", "channels_last", "compile", "data_on_device"):
+        setattr(legacy, name, getattr(fast, name))
+    return legacy
+
+
+def minor_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class _AllocationCounter(TorchDispatchMode):
+    """Bytes of every operator output that does not reuse an input's storage (in-place ops and views allocate
+    nothing): the memory the allocator is asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if torch.is_tensor(t)}
+        for t in tree_leaves(out):
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:
+                self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
+def allocated_mb(fn):
+    """MiB allocated by the operators of one call of FN, freed or not (see _AllocationCounter)."""
+    counter = _AllocationCounter()
+    with counter:
+        fn()
+    return counter.bytes / 2**20
 
 
 def all_cases():
@@ -113,18 +169,16 @@ def synthetic_root(dataset, images, folder):
     return folder
 
 
-def end_to_end(case, built, args):
+def end_to_end(case, built, fast, args):
     """Images/s of the step fed by the script's own train loader (steady state: --steps batches after --warmup)."""
     with tempfile.TemporaryDirectory() as tmp:
         real = args.imagenet_root if case.dataset == "imagenet" else args.data_root
         root = real or synthetic_root(case.dataset, args.batch * (args.warmup + args.steps), tmp)
-        loader = case.train_loader(root, torch.device(args.device), args)
+        loader = _train_loader(case, root, fast, args)
         done, start = 0, time.perf_counter()
         while done < args.warmup + args.steps:  # a small synthetic set may take more than one pass
             for x, y in loader:  # timed from the end of the warm-up: fetching a batch counts
-                x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
-                if getattr(args, "channels_last", False):
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x, y = fast.inputs(x, y)
                 built.step(x, y)
                 done += 1
                 if done == args.warmup:
@@ -148,21 +202,27 @@ def forward_flops(model, x):
 
 
 def measure(case, args):
-    device = args.device
-    if torch.device(device).type == "cuda":
+    fast = Fast.from_args(args, args.device)
+    device = fast.device
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    built = case.build(device, args)
-    x = torch.randn(args.batch, 3, built.input_size, built.input_size, device=device)
-    y = torch.randint(0, built.num_classes, (args.batch,), device=device)
-    if getattr(args, "channels_last", False):
-        x = x.contiguous(memory_format=torch.channels_last)
+    built = _build(case, fast, args)
+    x, y = fast.inputs(torch.randn(args.batch, 3, built.input_size, built.input_size),
+                       torch.randint(0, built.num_classes, (args.batch,)))
     for _ in range(args.warmup):
         built.step(x, y)
+    faults = minor_faults()
     step_s = _timed(lambda: built.step(x, y), args.steps, device)
+    faults_per_step = (minor_faults() - faults) / args.steps
+    alloc_mb = None if fast.compile else allocated_mb(lambda: built.step(x, y))  # compiled code is not dispatched
+    ratios = {}
+    for name, fn in built.extra_steps.items():
+        fn(x, y)  # warm-up
+        ratios[name] = _timed(lambda: fn(x, y), max(1, args.steps // 5), device) / step_s
     built.deployed.eval()
 
     def evaluate():
-        with torch.no_grad(), autocast(args, device):
+        with torch.no_grad(), fast.autocast():
             built.deployed(x)
 
     for _ in range(args.warmup):
@@ -172,29 +232,38 @@ def measure(case, args):
     flops = forward_flops(built.deployed, x[:2].float().contiguous())
     trained_flops = sum(forward_flops(m, x[:2].float().contiguous()) for m in built.models) if built.models else flops
     built.deployed.train()
-    e2e = end_to_end(case, built, args) if case.train_loader is not None and not args.no_e2e else None
+    e2e = end_to_end(case, built, fast, args) if case.train_loader is not None and not args.no_e2e else None
     return {"paper": case.paper, "method": case.method, "arch": case.arch, "device": str(device),
             "batch": args.batch, "fast": bool(args.fast), "train_images_per_s": args.batch / step_s,
             "e2e_images_per_s": e2e, "workers": args.workers,
             "eval_images_per_s": args.batch / eval_s, "peak_memory_mb": peak_mb,
+            "minor_faults_per_step": faults_per_step, "allocated_mb_per_step": alloc_mb, "step_ratios": ratios,
             "deployed_gflops_per_image": flops / 1e9,
             "train_tflops_per_s": 3 * trained_flops * args.batch / step_s / 1e12,
             "parameters": sum(p.numel() for m in (built.models or [built.deployed]) for p in m.parameters()),
             "steps": args.steps, "warmup": args.warmup, "device_name": device_name(device),
-            "options": {k: getattr(args, k) for k in ("data_on_device", "amp", "channels_last", "compile")},
+            "options": {k: getattr(fast, k) for k in ("data_on_device", "amp", "channels_last", "compile")},
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def _ratios(r):
+    return ", ".join(f"{k} {v:.1f}x" for k, v in (r.get("step_ratios") or {}).items()) or "-"
+
+
+def _mb(r):
+    return r.get("allocated_mb_per_step") or float("nan")
 
 
 def print_table(rows):
     head = f"{'paper':7s} {'method':16s} {'arch':22s} {'train img/s':>11s} {'e2e img/s':>9s} {'eval img/s':>10s} " \
-           f"{'peak MB':>9s} {'GFLOP/img':>9s} {'TFLOP/s':>8s}"
+           f"{'peak MB':>9s} {'faults/step':>11s} {'alloc MB/step':>13s} {'GFLOP/img':>9s} {'TFLOP/s':>8s}  other steps"
     print(head)
     print("-" * len(head))
     for r in rows:
         e2e = f"{r['e2e_images_per_s']:9.1f}" if r.get("e2e_images_per_s") else f"{'-':>9s}"
         print(f"{r['paper']:7s} {r['method']:16s} {r['arch']:22s} {r['train_images_per_s']:11.1f} {e2e} "
-              f"{r['eval_images_per_s']:10.1f} {r['peak_memory_mb']:9.0f} {r['deployed_gflops_per_image']:9.3f} "
-              f"{r['train_tflops_per_s']:8.3f}")
+              f"{r['eval_images_per_s']:10.1f} {r['peak_memory_mb']:9.0f} {r.get('minor_faults_per_step', 0):11.0f} "
+              f"{_mb(r):13.1f} {r['deployed_gflops_per_image']:9.3f} {r['train_tflops_per_s']:8.3f}  {_ratios(r)}")
 
 
 def markdown_table(rows):
@@ -205,14 +274,15 @@ def markdown_table(rows):
     for name, version, date, options in setups:
         on = [k for k, v in json.loads(options).items() if v not in (False, "none")]
         lines.append(f"Measured on {name}, torch {version}, {date}; fast options: {', '.join(on) or 'none (faithful)'}.")
-    lines += ["", "| paper | method | arch | batch | train img/s | e2e img/s | eval img/s | peak MB | GFLOP/img "
-                  "| train TFLOP/s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| paper | method | arch | batch | train img/s | e2e img/s | eval img/s | peak MB | minor faults/step "
+                  "| alloc MB/step | GFLOP/img | train TFLOP/s | other steps |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         e2e = f"{r['e2e_images_per_s']:.1f}" if r.get("e2e_images_per_s") else "-"
         lines.append(f"| {r['paper']} | {r['method']} | {r['arch'].replace('|', chr(92) + '|')} | {r['batch']} | "
                      f"{r['train_images_per_s']:.1f} | {e2e} | {r['eval_images_per_s']:.1f} | "
-                     f"{r['peak_memory_mb']:.0f} | {r['deployed_gflops_per_image']:.3f} | "
-                     f"{r['train_tflops_per_s']:.3f} |")
+                     f"{r['peak_memory_mb']:.0f} | {r.get('minor_faults_per_step', 0):.0f} | {_mb(r):.1f} | "
+                     f"{r['deployed_gflops_per_image']:.3f} | {r['train_tflops_per_s']:.3f} | {_ratios(r)} |")
     return "\n".join(lines)
 
 
@@ -221,17 +291,21 @@ def compare_files(a, b):
         ra = {(r["paper"], r["method"], r["arch"]): r for r in json.load(f)}
     with open(b) as f:
         rb = {(r["paper"], r["method"], r["arch"]): r for r in json.load(f)}
+
+    def ratio(x, y, key, width):
+        if x.get(key) and y.get(key):
+            return f"{y[key] / x[key]:{width}.2f}"
+        return f"{'-':>{width}s}"
+
     print(f"{'paper':7s} {'method':16s} {'arch':22s} {'train B/A':>9s} {'e2e B/A':>9s} {'eval B/A':>9s} "
-          f"{'mem B/A':>8s}")
+          f"{'mem B/A':>8s} {'faults B/A':>10s} {'alloc B/A':>9s}")
     for key in ra:
         if key in rb:
             x, y = ra[key], rb[key]
-            e2e = f"{y['e2e_images_per_s'] / x['e2e_images_per_s']:9.2f}" \
-                if x.get("e2e_images_per_s") and y.get("e2e_images_per_s") else f"{'-':>9s}"
-            print(f"{key[0]:7s} {key[1]:16s} {key[2]:22s} "
-                  f"{y['train_images_per_s'] / x['train_images_per_s']:9.2f} {e2e} "
-                  f"{y['eval_images_per_s'] / x['eval_images_per_s']:9.2f} "
-                  f"{y['peak_memory_mb'] / max(x['peak_memory_mb'], 1e-9):8.2f}")
+            print(f"{key[0]:7s} {key[1]:16s} {key[2]:22s} {ratio(x, y, 'train_images_per_s', 9)} "
+                  f"{ratio(x, y, 'e2e_images_per_s', 9)} {ratio(x, y, 'eval_images_per_s', 9)} "
+                  f"{ratio(x, y, 'peak_memory_mb', 8)} {ratio(x, y, 'minor_faults_per_step', 10)} "
+                  f"{ratio(x, y, 'allocated_mb_per_step', 9)}")
 
 
 def main(argv=None):
@@ -267,7 +341,6 @@ def main(argv=None):
                 rows.extend(json.load(f))
         print(markdown_table(rows))
         return 0
-    resolve_fast_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [c for c in all_cases() if (not args.method or c.method in args.method)

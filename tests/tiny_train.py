@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.cli import run_main
+from common.distributed import per_process_batch, train_sampler, wrap_ddp
 from common.data import CIFAR10_MEAN, CIFAR10_STD, cifar_datasets, cifar_test_transform, cifar_train_transform, \
     make_loader
 from common.fast import add_fast_args, at_least_fp32
@@ -50,7 +51,7 @@ class TinyRun(Run):
     def __init__(self, setup, args, test_loader):
         self.setup, self.test_loader, self.nan_at = setup, test_loader, args.nan_at_step
         self.net = TinyNet().to(setup.device)
-        self.model = setup.fast.prepare(self.net)
+        self.model = wrap_ddp(setup.fast.prepare(self.net), setup.ctx)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                          weight_decay=5e-4)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, [args.epochs // 2 + 1], 0.1)
@@ -102,8 +103,11 @@ def main(argv=None):
     train_set, test_set = cifar_datasets("CIFAR10", args.data_root,
                                          cifar_train_transform(CIFAR10_MEAN, CIFAR10_STD, "constant", "crop_flip"),
                                          cifar_test_transform(CIFAR10_MEAN, CIFAR10_STD))
-    train_loader = make_loader(train_set, args.batch_size, shuffle=True, workers=args.workers)
-    run = TinyRun(setup, args, make_loader(test_set, 100))
+    batch = per_process_batch(args.batch_size, setup.ctx)
+    train_loader = make_loader(train_set, batch, shuffle=True, workers=args.workers,
+                               sampler=train_sampler(train_set, setup.ctx, seed=args.seed))
+    test_loader = make_loader(test_set, 100, sampler=train_sampler(test_set, setup.ctx, shuffle=False))
+    run = TinyRun(setup, args, test_loader)
     return fit(run, train_loader, setup, args.epochs, print_every=args.print_freq)
 
 
