@@ -60,6 +60,8 @@ class Job:
     launcher: str = "python"      # "python" or "torchrun"
     nproc: int = 1
     rows: list = field(default_factory=list)  # [{"table": id, "row": name}]
+    epochs: int = 0               # of the schedule it runs
+    bench: tuple = ()             # (paper, method, arch) of the bench case timing its step
 
     def command(self):
         if self.launcher == "torchrun":
@@ -105,7 +107,8 @@ def table_jobs(table, scale, seeds, out, data_root, nproc, create=True):
                 argv = list(row.argv) + list(extra) + ["--run-dir", run_dir, "--seed", str(seed), "--data-root", root,
                                                        "--resume"]
                 jobs[key] = Job(row.name, os.path.join(REPO, row.workdir), argv, run_dir, row.launcher,
-                                nproc if scale != "smoke" else 1)
+                                nproc if scale != "smoke" else 1, epochs=flag_value(argv, EPOCH_FLAGS, row.epochs),
+                                bench=(row.workdir, *row.bench) if row.bench else ())
             jobs[key].rows.append({"table": table.id, "row": row.name})
     return list(jobs.values())
 
@@ -120,6 +123,102 @@ def smoke_jobs(out, create=True):
         rows = [{"table": t, "row": r} for t, r in getattr(run, "rows", ())]
         jobs.append(Job(run.name, os.path.join(REPO, run.workdir), argv, run_dir, run.launcher, run.nproc, rows))
     return jobs
+
+
+# ------------------------------------------------------------------------------------------------ plan ----
+EPOCH_FLAGS = ("--epochs", "--num_epochs", "--n_epochs")
+TRAIN_IMAGES = {"cifar": 50_000, "imagenet": 1_281_167}
+# The stated reference when no measured throughput is given: a V100-class GPU sustains about 10 TFLOP/s of fp32
+# training on large networks (3x the forward FLOPs per image) and no more than about 10,000 CIFAR images/s on small
+# ones, whatever their FLOPs (loader and launch bound). A rough model, for an order of magnitude before starting.
+REFERENCE_TFLOPS, REFERENCE_MAX_IMAGES_PER_S = 10.0, 10_000.0
+
+
+def flag_value(argv, flags, default):
+    """The int value of the last of FLAGS in ARGV (argparse keeps the last one), else DEFAULT."""
+    value = default
+    for i, a in enumerate(argv[:-1]):
+        if a in flags:
+            value = int(argv[i + 1])
+    return value
+
+
+def images_per_epoch(job):
+    steps = flag_value(job.argv, ("--steps-per-epoch",), 0)
+    if steps:
+        return steps * flag_value(job.argv, ("--batch_size", "--batch-size", "--train_batch_size"), 128)
+    return TRAIN_IMAGES["imagenet" if is_imagenet(job.argv) else "cifar"]
+
+
+def throughput(jobs, measured, cache_path):
+    """Images/s per bench case: measured (bench JSON rows: end-to-end where present) or the reference model."""
+    from common import bench
+    found = {}
+    for row in measured:
+        found[(row["paper"], row["method"], row["arch"])] = row.get("e2e_images_per_s") or row["train_images_per_s"]
+    cache = {}
+    if os.path.exists(cache_path):
+        with open(cache_path) as f:
+            cache = json.load(f)
+    cases = {(c.paper, c.method, c.arch): c for c in bench.all_cases()}
+    rates = {}
+    for job in jobs:
+        key = tuple(job.bench)
+        if not key or key in rates:
+            continue
+        if key in found:
+            rates[key] = (found[key], "measured")
+            continue
+        if key not in cases:
+            continue
+        name = "|".join(key)
+        if name not in cache:  # forward FLOPs of every trained network per image, counted once on the CPU
+            built = bench._build(cases[key], bench.Fast(), bench_args_for_flops())
+            x = torch_randn(built.input_size)
+            cache[name] = sum(bench.forward_flops(m, x) for m in (built.models or [built.deployed]))
+        flops = 3 * cache[name]
+        rates[key] = (min(REFERENCE_TFLOPS * 1e12 / flops, REFERENCE_MAX_IMAGES_PER_S), "reference")
+    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+    with open(cache_path, "w") as f:
+        json.dump(cache, f)
+    return rates
+
+
+def bench_args_for_flops():
+    return argparse.Namespace(batch=2, amp="none", channels_last=False, compile=False, data_on_device=False,
+                              device="cpu", fast=False, workers=0)
+
+
+def torch_randn(size):
+    import torch
+    return torch.randn(2, 3, size, size)
+
+
+def plan(jobs, seeds_note, measured, cache_path):
+    """Lines of the cost of JOBS: per run its epochs, images and GPU-hours, then the total."""
+    rates = throughput(jobs, measured, cache_path)
+    lines, total_images, total_hours, unknown = [], 0, 0.0, 0
+    for job in jobs:
+        images = job.epochs * images_per_epoch(job)
+        rate = rates.get(tuple(job.bench))
+        gpus = job.nproc if job.launcher == "torchrun" else 1
+        hours = images / rate[0] / 3600 * gpus if rate else None
+        total_images += images
+        if hours is None:
+            unknown += 1
+        else:
+            total_hours += hours
+        lines.append(f"  {job.epochs:4d} epochs  {images / 1e6:9.2f} M images  "
+                     + (f"{hours:8.1f} GPU-h ({rate[1]})" if hours is not None else "       ? GPU-h (no bench case)")
+                     + f"  {os.path.relpath(job.run_dir, REPO)}")
+    sources = {r[1] for r in rates.values()}
+    how = "measured throughput" if sources == {"measured"} else \
+        f"the reference model ({REFERENCE_TFLOPS:g} TFLOP/s, at most {REFERENCE_MAX_IMAGES_PER_S:,.0f} images/s per GPU)" \
+        + (" where no measurement was given" if "measured" in sources else "")
+    lines.append(f"{len(jobs)} distinct runs{seeds_note}, {sum(j.epochs for j in jobs)} epochs, "
+                 f"{total_images / 1e6:.1f} M images, about {total_hours:.0f} GPU-hours from {how}"
+                 + (f"; {unknown} run(s) without an estimate" if unknown else ""))
+    return lines
 
 
 # ------------------------------------------------------------------------------------------- execution ----
@@ -331,6 +430,10 @@ def get_args_parser():
     parser.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per array task")
     parser.add_argument("--time", dest="time_minutes", type=time_minutes, default=24 * 60,
                         help="time limit per task, HH:MM (the task requeues itself when it is reached)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the distinct runs, their epochs, images and estimated GPU-hours; run nothing")
+    parser.add_argument("--bench-json", default=None,
+                        help="measured throughput for --plan (python -m common.bench --device cuda --json FILE)")
     return parser
 
 
@@ -356,11 +459,16 @@ def main(argv=None):
         parser.error("--jobs and --nproc must be >= 1")
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
 
+    measured = []
+    if args.bench_json:
+        with open(args.bench_json) as f:
+            measured = json.load(f)
+    cache = os.path.join(out, ".plan-flops.json")
     if args.what == "list":
         for t in all_tables():
-            print(f"{t.id:8s} {t.title}  [{t.source}]  ({len(t.rows)} rows, "
-                  f"{len(table_jobs(t, 'full', t.seeds, out, data_root, 1, create=False))} distinct runs per "
-                  f"{len(t.seeds)} seed(s))")
+            jobs = table_jobs(t, "full", t.seeds, out, data_root, 1, create=False)
+            print(f"{t.id:8s} {t.title}  [{t.source}]  ({len(t.rows)} rows)")
+            print("   " + plan(jobs, f" ({len(t.seeds)} seed(s))", measured, cache)[-1])
         return 0
     if args.what == "smoke":
         jobs = smoke_jobs(out, create=not args.dry_run)
@@ -374,6 +482,10 @@ def main(argv=None):
         seeds = [int(s) for s in args.seeds.split()] if args.seeds else list(table.seeds)
         jobs = table_jobs(table, args.scale, seeds, out, data_root, args.nproc, create=not args.dry_run)
         compare_dir = os.path.join(out, table.id, args.scale)
+    if args.plan:
+        seeds_note = "" if args.what == "smoke" else f" ({len(seeds)} seed(s), scale {args.scale})"
+        print("\n".join(plan(jobs, seeds_note, measured, cache)))
+        return 0
     if args.dry_run:
         if args.slurm:
             print(f"would submit {len(jobs)} array task(s), {args.gpus_per_job} GPU(s) and "

@@ -32,6 +32,7 @@ class Row:
     scale_args: dict = field(default_factory=dict)  # {"smoke": (...), "short": (...)}: appended to argv
     launcher: str = "python"       # "python" or "torchrun" (ImageNet rows)
     note: str = ""
+    bench: tuple = ()              # (method, arch) of the common.bench case that times this row's step (--plan)
 
 
 @dataclass(frozen=True)
