@@ -10,20 +10,19 @@ import argparse
 import json
 import os
 import shutil
-import signal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common import distributed as dist
 from common.checkpoint import CHECKPOINT_NAME, ResumableEpoch, load_checkpoint, save_checkpoint
 from common.data import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, cifar_datasets, cifar_test_transform,
                          cifar_train_transform, imagenet_datasets, imagenet_train_transform, imagenet_val_transform,
                          make_loader)
-from common.fast import DeviceCifarLoader, add_fast_args, prepare_model, resolve_fast_args
+from common.fast import DeviceCifarLoader, add_fast_args, at_least_fp32, prepare_model, resolve_fast_args
 from common.logging import FiniteGuard, RunLogger, add_common_args
 from common.meters import AccuracyMeter, Timer
+from okddip.losses import cross_entropy
 from okddip.models import check_arch
 from okddip.students import diversity_dist, student_logits
 
@@ -123,6 +122,14 @@ def make_optimizer(model, args):
     return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
 
 
+def set_epoch_lr(optimizer, args, epoch):
+    """The lr of 0-based EPOCH (lr_at) into every parameter group; returns it."""
+    lr = lr_at(epoch, args.lr, args.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def optimize(net, optimizer, step, x, y, epoch):
     """One training iteration: the script's forward and loss, backward, SGD step. Nothing here waits for the device."""
     loss, terms, out = step(net, x, y, epoch)
@@ -144,7 +151,7 @@ class DeviceMeans:
             self.names = list(values)
         elif list(values) != self.names:
             raise ValueError(f"logged terms changed within an epoch: {list(values)} vs {self.names}")
-        row = torch.stack([torch.as_tensor(v).detach().float() for v in values.values()]).double()
+        row = torch.stack([at_least_fp32(torch.as_tensor(v).detach()) for v in values.values()]).double()
         self.sums = row if self.sums is None else self.sums + row
         self.count += 1
 
@@ -176,6 +183,41 @@ def term_tensors(terms, names):
         else:
             flat[rename.get(key, key)] = value
     return flat
+
+
+class EpochMeters:
+    """The running metrics of one training pass, as the released train() keeps them: per-batch means of every loss
+    term (and OKDDip's attention), each student's top-1/top-5 per batch; `record()` gives the log entries."""
+
+    def __init__(self, method):
+        self.method, self.means, self.accs, self.images, self.individuals = method, DeviceMeans(), {}, 0, []
+
+    def update(self, terms, out, y):
+        logits, self.individuals = student_logits(self.method, out) if self.method else ({"net": out["pro"]}, ["net"])
+        self.means.update(dict(term_tensors(terms, self.individuals), **attention_terms(out)))
+        for name, z in logits.items():
+            self.accs.setdefault(name, AccuracyMeter()).update(z, y)
+        self.images += y.size(0)
+
+    def record(self, prefix="train"):
+        record = {f"{prefix}/{k}": total / n for k, (total, n) in self.means.totals().items()}
+        for name, meter in self.accs.items():
+            acc = meter.per_batch_mean()
+            record[f"{prefix}/{name}/top1"], record[f"{prefix}/{name}/top5"] = acc[1], acc[5]
+        if self.method and self.individuals:
+            for k in ("top1", "top5"):
+                record[f"{prefix}/mean/{k}"] = float(np.mean([record[f"{prefix}/{n}/{k}"] for n in self.individuals]))
+        return record
+
+    def state_dict(self):
+        return {"means": self.means.state_dict(), "images": self.images,
+                "accs": {name: dict(vars(m)) for name, m in self.accs.items()}}
+
+    def load_state_dict(self, state):
+        self.means.load_state_dict(state["means"])
+        for name, meter_state in state["accs"].items():
+            vars(self.accs.setdefault(name, AccuracyMeter())).update(meter_state)
+        self.images = state["images"]
 
 
 def attention_terms(out):
@@ -223,7 +265,6 @@ def train(args, script, method, model, step, meta, select, run_dir_default, ramp
         logger.truncate_after(start_epoch)
         logger.print(f"resumed from {ckpt_path} at epoch {start_epoch}" +
                      (f", step {epoch_resume['step']}" if epoch_resume else ""))
-    kill_at = int(os.environ.get("OKDDIP_KILL_AT_STEP", "0"))  # tests: die right after this global step
     guard = FiniteGuard()
 
     def save(epoch, epoch_state=None):
@@ -235,22 +276,16 @@ def train(args, script, method, model, step, meta, select, run_dir_default, ramp
                                         "best_metrics": best_metrics, **loader_state, **(extra_state or {})},
                             meta=meta)
 
-    steps_done = 0
     for epoch in range(start_epoch, args.num_epochs):
-        lr = lr_at(epoch, args.lr, args.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_epoch_lr(optimizer, args, epoch)
         w = ramp(epoch) if ramp else None
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         timer = Timer()
         net.train()
-        means, accs, images = DeviceMeans(), {}, 0
+        meters = EpochMeters(method)
         if epoch_resume:  # the epoch's running metrics continue where the checkpoint left them
-            means.load_state_dict(epoch_resume["means"])
-            for name, state in epoch_resume["accs"].items():
-                vars(accs.setdefault(name, AccuracyMeter())).update(state)
-            images = epoch_resume["images"]
+            meters.load_state_dict(epoch_resume)
         loader_at_start = train_loader.state_dict() if isinstance(train_loader, DeviceCifarLoader) else None
         batches = ResumableEpoch(train_loader, resume=epoch_resume)
         epoch_resume = None
@@ -260,33 +295,20 @@ def train(args, script, method, model, step, meta, select, run_dir_default, ramp
                 break
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             loss, terms, out = optimize(net, optimizer, step, x, y, epoch)
-            logits, individuals = student_logits(method, out) if method else ({"net": out["pro"]}, ["net"])
             guard.update(loss)
-            # per-batch means, as the released RunningAverage; summed on the device
-            means.update(dict(term_tensors(terms, individuals), **attention_terms(out)))
-            for name, z in logits.items():
-                accs.setdefault(name, AccuracyMeter()).update(z, y)
-            images += x.size(0)
-            steps_done += 1
+            meters.update(terms, out, y)  # per-batch means, as the released RunningAverage; summed on the device
             if args.save_every_steps and (i + 1) % args.save_every_steps == 0:
-                state = dict(batches.state(i + 1), means=means.state_dict(), images=images,
-                             accs={name: dict(vars(m)) for name, m in accs.items()})
+                state = dict(batches.state(i + 1), **meters.state_dict())
                 if loader_at_start is not None:
                     state["loader"] = loader_at_start
                 save(epoch, state)
-            if kill_at and steps_done == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
         record = {"epoch": epoch + 1, "lr": lr}
         if w is not None:
             record["train/ramp"] = w
-        record.update({f"train/{k}": total / n for k, (total, n) in means.totals().items()})
-        for name, meter in accs.items():
-            record[f"train/{name}/top1"] = meter.per_batch_mean()[1]
-        if method and individuals:
-            record["train/mean/top1"] = float(np.mean([record[f"train/{n}/top1"] for n in individuals]))
+        record.update(meters.record("train"))
         record.update(evaluate(args, net, test_loader, step, method, epoch, ctx))
         seconds = timer.elapsed()
-        record.update(epoch_time=seconds, images_per_s=images * ctx.world_size / max(seconds, 1e-9))
+        record.update(epoch_time=seconds, images_per_s=meters.images * ctx.world_size / max(seconds, 1e-9))
         is_best = record[select] >= best  # ties go to the later epoch, as released
         if is_best:
             best, best_metrics = record[select], dict(record)
@@ -297,8 +319,6 @@ def train(args, script, method, model, step, meta, select, run_dir_default, ramp
                      f"{select} {record[select]:.2f} (best {best:.2f})")
         if ctx.is_main:
             authors_files(run_dir, model, optimizer, epoch, record, best_metrics, is_best)
-        if kill_at and steps_done == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
     if ctx.is_main:
         with open(os.path.join(run_dir, "parameters.json"), "w") as f:
             json.dump(dict(vars(args), **{"Total params": n_params / 1e6}), f, indent=4, default=str)
@@ -334,7 +354,7 @@ def evaluate(args, model, loader, step, method, epoch, ctx):
         for name, z in logits.items():
             accs.setdefault(name, AccuracyMeter()).update(z, y)
         means.update(dict(term_tensors(terms, individuals),
-                          **{f"{name}/loss": F.cross_entropy(z.float(), y) for name, z in logits.items()}))
+                          **{f"{name}/loss": cross_entropy(z, y) for name, z in logits.items()}))
         if method and len(individuals) >= 2:
             s, n = diversity_dist([logits[k] for k in individuals])
             dist_sum, dist_n = dist_sum + s.double(), dist_n + n

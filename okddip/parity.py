@@ -1,399 +1,461 @@
-"""Check this implementation against the reference fixtures of the released code.
+"""Check this implementation against fixtures computed by the released code (../shared/fixtures/SCHEMA.md, OKDDip).
 
-    python -m okddip.parity [FIXTURE.pt ...]    (default: every *_fixture.pt in ../shared/fixtures/okddip)
+    python -m okddip.parity [FIXTURE.pt ...] [--fixtures-root DIR]   (default: every okddip/*_fixture.pt there)
 
-For each fixture: builds the model its `meta.constructor_call` describes, loads `state_dict_fp16` (+ parts) as
-float32 and checks, printing the largest error per item:
-  * the seed regeneration (`exact_weight_checksums`; then the `exact` outputs/losses with the regenerated weights),
-  * train-mode outputs and intermediates, every loss term at every stored epoch (`canonical`),
-  * float64 references in float64 (`float64_reference`),
-  * one training step per stored run (`original_train_step`): logged metrics, gradients, state after SGD,
-  * eval-mode outputs and the metrics of the released evaluate(), the detach probe.
-Exit status 0 only when every item is within tolerance.
+A fixture's `meta.constructor_call` names the released model (resnet_GL / vgg_GL / densenet_GL, MultiNet.StuNet,
+resnet_one / vgg_one / densenet_one, DML.MutualNet; any architecture, branch count, class count) and so the training
+script and flags that build it here (train_GL.py [--MulStu], train_one.py [--ind --avg --bpscale], train_DML.py).
+Every value is computed through that script: its `build()` gives the model and the step (forward + loss at an
+epoch's ramp weight), the engine's `make_optimizer`, `set_epoch_lr` and `optimize` make the training step,
+`EpochMeters` and `evaluate` the logged metrics. Each value is computed twice, in float32 from the fixture's fp16-grid
+weights (`state_dict_fp16` + `state_dict_fp16_parts`) as the reference was, and in float64 from the same weights and
+input, and common.parity decides (tolerance from the measured float32-vs-float64 spread of our own code):
+
+  layout              our state-dict keys and shapes against the fixture's weights (their order: the fingerprint
+                      tests)
+  seed-<s> weights    a seeded construction regenerates `exact_weight_checksums` (the released RNG order)
+  canonical.*         train-mode outputs and intermediates; every loss term at every stored epoch (ramp weights in
+                      float64); ONE's --ind terms
+  exact.*             the same with the regenerated (un-rounded) weights
+  float64.*           `float64_reference`, where present, against our float64 pass (common.parity.F64)
+  train_step[e].*     one step of the script (lr of epoch e, Nesterov SGD, weight decay): logged losses and
+                      accuracies, which gradients exist, every gradient (l2, sum) and the stored full gradients, the
+                      state after the step (sum, l2)
+  detach_probe        with x_m detached, query_weight gets no gradient
+  eval.*              eval-mode outputs and the released evaluate() metrics
+
+Analytically zero quantities (a bias feeding a BatchNorm: its gradient, and its value after a step) are compared
+relative to their layer: the scale of every parameter tensor (and of its gradient) is at least the largest rms of
+its module's parameters (or gradients) in float64.
 """
-import argparse
 import ast
-import math
-import os
+import copy
 import pathlib
+import re
 import sys
 
 import torch
 
-from okddip.losses import dml_loss, okddip_loss, one_loss, ramp_weight
-from okddip.models import IndependentNets, OKDDipBranches, ONEBranches
-from okddip.students import diversity_dist, student_logits
+from common.distributed import DistContext
+from common.parity import (F64, FixtureError, Report, as_dtype, checker_main, checksum_vectors, load_fixture,
+                           load_weight_files)
+from okddip import engine, train, train_DML, train_GL, train_one
+from okddip.losses import kl_t, okddip_loss
+from okddip.models import check_arch
 
-DEFAULT_DIR = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "okddip"
-TOL = {"out": 1e-5, "loss": 1e-5, "grad": 1e-4, "f64": 1e-10, "metric": 1e-4,
-       # Early-layer BatchNorm weight/bias gradients are sums of many cancelling terms: on CPU float32 the same
-       # computation differs from its float64 value by up to ~4e-3 (e.g. resnet32 bn1.weight, CE only), and the
-       # reference machine's rounding differs from ours. Whole-network gradient norms and the post-step state are
-       # therefore compared at 1e-2, and the stored full gradient tensors (heads, query/key, ONE gate, whose
-       # gradient passes through a BatchNorm1d over 8 samples) at 1e-3. A wrong loss or detach changes these by O(1).
-       "grad_bn": 1e-2, "state": 1e-2, "grad_full": 1e-3,
-       "gate_bn": 1e-4}  # the ONE gate's BatchNorm1d divides by the std of 8 gate logits: float32 noise x ~10
-GRAD_FLOOR = 1e-3  # gradients below this l2 (e.g. a bias feeding a BatchNorm, analytically 0) compare absolutely
+PLAIN, BRANCH_GL, BRANCH_ONE = ("resnet", "vgg", "densenet"), ("resnet_GL", "vgg_GL", "densenet_GL"), \
+    ("resnet_one", "vgg_one", "densenet_one")
+METHOD = {train: None, train_GL: "okddip", train_one: "one", train_DML: "dml"}
+CPU = DistContext()
 
 
 # --------------------------------------------------------------------------------------------- configuration ----
-def parse_constructor(call):
-    """'resnet_GL.resnet32(num_classes=10, ...)' -> ('resnet_GL', 'resnet32', {kwargs})."""
-    node = ast.parse(call.strip(), mode="eval").body
-    func = ast.unparse(node.func).split(".")
-    kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-    args = [ast.literal_eval(a) for a in node.args]
-    return func[-2], func[-1], kwargs, args
+def parse_call(call):
+    """'resnet_GL.resnet32(num_classes=10, ...)' (optionally prefixed by 'models.model_cifar.', followed by a
+    bracketed comment) -> (module, function, {kwargs}, [args])."""
+    call = re.sub(r"^models\.model_cifar\.", "", call.strip().split("  [")[0].strip())
+    try:
+        node = ast.parse(call, mode="eval").body
+        module, func = ast.unparse(node.func).split(".")[-2:]
+        return module, func, {k.arg: ast.literal_eval(k.value) for k in node.keywords}, \
+            [ast.literal_eval(a) for a in node.args]
+    except (SyntaxError, ValueError) as e:
+        raise FixtureError(f"constructor call {call!r} cannot be parsed: {e}") from e
 
 
-def configure(fx):
-    module, func, kw, args = parse_constructor(fx["meta"]["constructor_call"])
-    hc = fx["meta"].get("harness_config", {})
-    if module in ("DML", "MultiNet"):
-        arch = kw.get("model", args[0] if args else hc.get("arch", "resnet32"))
-    else:
-        arch = func
-    cfg = {"module": module, "arch": arch, "num_classes": kw.get("num_classes", hc.get("num_classes", 10)),
-           "num_branches": kw.get("num_branches", hc.get("num_branches", 4)), "kw": kw,
-           "init_seed": hc.get("init_seed", 0)}
-    if module.endswith("_GL"):
-        cfg["method"] = "okddip"
-        cfg["build"] = lambda: OKDDipBranches(arch, cfg["num_classes"], cfg["num_branches"], factor=kw.get("factor", 8),
-                                              ensemble=kw.get("en", False))
-    elif module.endswith("_one"):
-        cfg["method"] = "one"
-        cfg["build"] = lambda: ONEBranches(arch, cfg["num_classes"], cfg["num_branches"], ind=kw.get("ind", False),
-                                           avg=kw.get("avg", False), bpscale=kw.get("bpscale", False))
-    elif module == "DML":
-        cfg["method"] = "dml"
-        cfg["build"] = lambda: IndependentNets(arch, cfg["num_classes"], cfg["num_branches"],
-                                               dropout=kw.get("dropout", 0.0))
-    elif module == "MultiNet":
-        cfg["method"] = "okddip"
-        cfg["build"] = lambda: IndependentNets(arch, cfg["num_classes"], cfg["num_branches"], attention=True,
-                                               factor=kw.get("factor", 8), ensemble=kw.get("en", False))
-    else:
-        raise ValueError(f"unknown fixture kind {module!r} (constructor {fx['meta']['constructor_call']!r})")
-    hyper = fx["meta"].get("hyper", {})
-    cfg.update(T=float(hyper.get("T", 3.0)), alpha=float(hyper.get("alpha", 1.0)),
-               start=float(hyper.get("start_consistency", 0.0)), length=float(hyper.get("length", 80)),
-               num_epochs=int(hyper.get("num_epochs", 300)), loss=hyper.get("loss", "KL"))
-    return cfg
+def configuration(call, harness=None):
+    """The training script and its flags that build the released model CALL: (script, argv, num_classes)."""
+    module, func, kw, args = parse_call(call)
+    harness = harness or {}
+    arch = kw.get("model", args[0] if args else harness.get("arch")) if module in ("DML", "MultiNet") else func
+    try:
+        check_arch(arch)
+    except ValueError as e:
+        raise FixtureError(f"{call}: a configuration the scripts do not support ({e})") from e
+    classes = kw.get("num_classes", harness.get("num_classes", 10))
+    branches = ["--num_branches", str(kw.get("num_branches", harness.get("num_branches", 4)))]
+    if kw.get("factor", 8) != 8:
+        raise FixtureError(f"{call}: factor {kw['factor']} (the scripts use the released 8)")
+    ensemble = ["--ensemble"] if kw.get("en") else []
+    if module in ("DML", "MultiNet", *PLAIN):  # plain networks: their classifier dropout is --dropout
+        dropout = ["--dropout", str(kw["dropout"])] if kw.get("dropout") else []
+        if module in PLAIN:
+            return train, ["--model", func] + dropout, classes
+        if module == "DML":
+            return train_DML, ["--model", arch] + branches + dropout, classes
+        return train_GL, ["--model", arch, "--MulStu"] + branches + ensemble + dropout, classes
+    if module in BRANCH_GL:
+        dropout = ["--branch_dropout", str(kw["dropout"])] if "dropout" in kw else []
+        return train_GL, ["--model", func] + branches + ensemble + dropout, classes
+    if module in BRANCH_ONE:
+        flags = [f"--{k}" for k in ("ind", "avg", "bpscale") if kw.get(k)]
+        # the fixtures' torch (>= 1.2) leaves the gate's BatchNorm1d weight at 1
+        return train_one, ["--model", func, "--gate_bn_init", "ones"] + branches + flags, classes
+    raise FixtureError(f"unknown kind of model {module!r} in {call!r}")
 
 
-def fixture_weights(fx, path):
-    sd = dict(fx["state_dict_fp16"])
-    for part in fx.get("state_dict_fp16_parts", []) or []:
-        sd.update(torch.load(os.path.join(os.path.dirname(path), part), map_location="cpu", weights_only=False))
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+def script_args(script, argv, hyper=None, **extra):
+    """The script's own parsed arguments for ARGV plus the fixture's hyper-parameters."""
+    hyper, argv = hyper or {}, list(argv) + ["--device", "cpu"]
+    for key, flag in (("T", "--temperature"), ("alpha", "--alpha"), ("start_consistency", "--start_consistency"),
+                      ("length", "--length"), ("num_epochs", "--num_epochs"), ("loss", "--loss")):
+        if key in hyper and (script is not train_DML or key in ("T", "loss")):
+            argv += [flag, str(hyper[key])]
+    for flag, on in extra.items():
+        if on:
+            argv.append(f"--{flag}")
+    return script.parser().parse_args(argv)
 
 
-# ------------------------------------------------------------------------------------------------- compute ----
-def losses(cfg, out, y, epoch, ind=False):
-    w = ramp_weight(epoch, cfg["num_epochs"], cfg["start"], cfg["length"])
-    if cfg["method"] == "okddip":
-        return okddip_loss(out, y, w, cfg["alpha"], cfg["T"], cfg["loss"])
-    if cfg["method"] == "one":
-        if ind:
-            out = dict(out, x_m=None)
-        return one_loss(out, y, w, cfg["alpha"], cfg["T"], cfg["loss"])
-    return dml_loss(out, y, cfg["T"])
+class Setup:
+    """One fixture's configuration: the script, its arguments, the fp16-grid weights in float32 and float64."""
+
+    def __init__(self, fx, folder, name):
+        meta = fx.get("meta", {})
+        if "constructor_call" not in meta or "state_dict_fp16" not in fx:
+            raise FixtureError(f"{name}: no meta.constructor_call / state_dict_fp16 (see SCHEMA.md)")
+        self.harness = meta.get("harness_config", {})
+        self.script, self.argv, self.num_classes = configuration(meta["constructor_call"], self.harness)
+        self.hyper = meta.get("hyper", {})
+        self.args = script_args(self.script, self.argv, self.hyper)
+        self.method = METHOD[self.script]
+        weights = dict(fx["state_dict_fp16"])
+        weights.update(load_weight_files(folder, fx.get("state_dict_fp16_parts") or []))
+        self.weights = {torch.float32: as_dtype(weights, torch.float32), torch.float64: as_dtype(weights, torch.float64)}
+        self.x = {torch.float32: fx["input"].float(), torch.float64: fx["input"].double()}
+        self.y = fx["labels"]
+        self.title = f"{name}: {meta['constructor_call']} ({self.script.__name__.split('.')[-1]})"
+
+    def build(self, args=None, dtype=torch.float32, weights=None):
+        """(model, step) of the script, in DTYPE, holding the fixture's weights (or WEIGHTS)."""
+        model, step = self.script.build(args or self.args, self.num_classes)[:2]
+        model = model.to(dtype)
+        model.load_state_dict(as_dtype(weights, dtype) if weights is not None else self.weights[dtype])
+        return model, step
+
+    def pair(self, args=None, weights=None):
+        """{dtype: (model, step)} for float32 and float64, the same weights."""
+        model, step = self.build(args, torch.float32, weights)
+        double = copy.deepcopy(model).double()
+        double.load_state_dict(as_dtype(weights, torch.float64) if weights is not None else self.weights[torch.float64])
+        return {torch.float32: (model, step), torch.float64: (double, step)}
 
 
-def flat_terms(cfg, terms, pairwise_total=None):
-    """Our loss terms under the fixture's key names."""
-    v = lambda t: [float(torch.as_tensor(x).detach()) for x in t] if isinstance(t, list) else float(torch.as_tensor(t).detach())
-    if cfg["method"] == "okddip":
-        r = {"consistency_weight": v(terms["consistency_weight"]), "ce_peer": v(terms["ce_peer"]),
-             "kl_peer_T2": v(terms["kl_peer_T2"]),
-             "logged_train_true_loss (sum ce_peer, leader CE excluded)": v(terms["logged_train_true_loss"]),
-             "logged_train_group_loss (sum kl_peer, leader KL excluded)": v(terms["logged_train_group_loss"]),
-             "total_loss": v(terms["total_loss"])}
+# ------------------------------------------------------------------------------------------------ our values ----
+OUTPUT_NAMES = {"x_stu": "leader", "out": "pro", "leader logits": "leader"}
+FULL_RAMP_EPOCH = 100  # w = 1: the stored --ind loss terms
+EVAL_EPOCH = 0  # the ramp weight the stored evaluate() ran with (its test_loss matches w(0) = exp(-5))
+
+
+def forward_and_losses(pair, x, y, epochs):
+    """{dtype: (train-mode outputs, {epoch: loss terms})}: one forward, then the script's step at each epoch on
+    those outputs (its loss and ramp weight)."""
+    result = {}
+    for dtype, (model, step) in pair.items():
+        model.train()
+        out = model(x[dtype])
+        result[dtype] = (out, {epoch: step(lambda _: out, x[dtype], y, epoch)[1] for epoch in epochs})
+    return result
+
+
+class Recorder(torch.nn.Module):
+    """MODEL, keeping the outputs of its last forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.out = model, None
+
+    def forward(self, x):
+        self.out = self.model(x)
+        return self.out
+
+
+def fixture_terms(setup, terms, out):
+    """Our loss terms under the fixture's names (python floats / lists of floats)."""
+    v = lambda t: [scalar(e) for e in t] if isinstance(t, list) else scalar(t)
+    if setup.method == "okddip":
+        named = {"ce_peer": v(terms["ce_peer"]), "kl_peer_T2": v(terms["kl_peer_T2"]),
+                 "logged_train_true_loss (sum ce_peer, leader CE excluded)": v(terms["logged_train_true_loss"]),
+                 "logged_train_group_loss (sum kl_peer, leader KL excluded)": v(terms["logged_train_group_loss"]),
+                 "total_loss": v(terms["total_loss"])}
         if "ce_leader" in terms:
-            r.update(ce_leader=v(terms["ce_leader"]), kl_leader_T2=v(terms["kl_leader_T2"]))
-        return r
-    if cfg["method"] == "one":
-        r = {"consistency_weight": v(terms["consistency_weight"]), "ce_branch": v(terms["ce_branch"]),
-             "logged_train_true_loss": v(terms["logged_train_true_loss"]),
-             "logged_train_group_loss": v(terms["logged_train_group_loss"]), "total_loss": v(terms["total_loss"])}
+            named.update(ce_leader=v(terms["ce_leader"]), kl_leader_T2=v(terms["kl_leader_T2"]))
+        return named
+    if setup.method == "one":
+        named = {"ce_branch": v(terms["ce_branch"]), "logged_train_true_loss": v(terms["logged_train_true_loss"]),
+                 "logged_train_group_loss": v(terms["logged_train_group_loss"]), "total_loss": v(terms["total_loss"])}
         if "ce_gated_ensemble" in terms:
-            r["ce_gated_ensemble"] = v(terms["ce_gated_ensemble"])
-            r["logged_train_true_loss (sum ce_branch + ce_gated_ensemble)"] = r["logged_train_true_loss"]
-            r["kl_branch_T2 (target = gated ensemble logits)"] = v(terms["kl_branch_T2"])
+            named["ce_gated_ensemble"] = v(terms["ce_gated_ensemble"])
+            named["logged_train_true_loss (sum ce_branch + ce_gated_ensemble)"] = named["logged_train_true_loss"]
+            named["kl_branch_T2 (target = gated ensemble logits)"] = v(terms["kl_branch_T2"])
         elif "kl_branch_T2" in terms:
-            r["kl_branch_T2 (target = mean of the other branches' logits)"] = v(terms["kl_branch_T2"])
-        return r
+            named["kl_branch_T2 (target = mean of the other branches' logits)"] = v(terms["kl_branch_T2"])
+        return named
+    pro, m, T = out["pro"], out["pro"].size(-1), setup.args.temperature
+    pairwise = [[None if j == k else scalar(kl_t(pro[:, :, j], pro[:, :, k], T)) for k in range(m)] for j in range(m)]
     return {"ce": v(terms["ce"]), "kl_T2_to_mean_of_other_logits (default, --type absent)": v(terms["kl_T2"]),
-            "total_loss_default": v(terms["total_loss"])}
+            "total_loss_default": v(terms["total_loss"]), "kl_T2_pairwise[j][k] (used with --type)": pairwise}
 
 
-OUT_KEYS = {"x_stu": "leader", "out": "pro", "leader logits": "leader"}
+def scalar(t):
+    """A loss term as a python float (float64: no float32 round trip)."""
+    return t.detach().item() if torch.is_tensor(t) else float(t)
 
 
-def authors_metrics(cfg, out, y, prefix):
-    """The accuracy part of the released train()/evaluate() dicts for one batch (percent)."""
-    logits, individuals = student_logits(cfg["method"], out)
-    acc = lambda z, k: 100.0 * float((z.topk(k, 1).indices == y[:, None]).any(1).float().mean())
-    r = {}
-    top1 = [acc(logits[n], 1) for n in individuals]
-    top5 = [acc(logits[n], 5) for n in individuals]
-    r[f"mean_{prefix}_accTop1"] = sum(top1) / len(top1)
-    # the released train loops store the top-1 mean under mean_train_accTop5 too
-    r[f"mean_{prefix}_accTop5"] = r[f"mean_{prefix}_accTop1"] if prefix == "train" else sum(top5) / len(top5)
-    r[f"{prefix}_accTop1"], r[f"{prefix}_accTop5"] = acc(logits["ensemble"], 1), acc(logits["ensemble"], 5)
-    if "leader" in logits:
-        r[f"stu_{prefix}_accTop1"], r[f"stu_{prefix}_accTop5"] = acc(logits["leader"], 1), acc(logits["leader"], 5)
-    for i, n in enumerate(individuals):
-        r[f"stu{i}{prefix}_accTop1"], r[f"stu{i}{prefix}_accTop5"] = top1[i], top5[i]
-    return r, logits, individuals
+def without_none(value):
+    """A stored loss value without its None entries (the pairwise matrix's diagonal)."""
+    if isinstance(value, list):
+        return [without_none(v) for v in value if v is not None]
+    return value
 
 
-# --------------------------------------------------------------------------------------------------- compare ----
-class Report:
-    def __init__(self, name):
-        self.name, self.items, self.failed = name, [], False
-
-    def add(self, item, err, tol, note=""):
-        ok = err <= tol
-        self.failed |= not ok
-        self.items.append((item, err, tol, ok, note))
-
-    def rel(self, item, ours, ref, tol, atol_scale=None):
-        """Largest |ours - ref| / max(|ref|, floor) over all values (floor = 1, or atol_scale)."""
-        ours = torch.as_tensor(ours, dtype=torch.float64)
-        ref = torch.as_tensor(ref, dtype=torch.float64)
-        if ours.shape != ref.shape:
-            self.add(item, math.inf, tol, f"shape {tuple(ours.shape)} vs {tuple(ref.shape)}")
-            return
-        floor = 1.0 if atol_scale is None else atol_scale
-        err = ((ours - ref).abs() / ref.abs().clamp_min(floor)).max().item() if ours.numel() else 0.0
-        self.add(item, err, tol)
-
-    def print(self):
-        print(f"== {self.name}")
-        for item, err, tol, ok, note in self.items:
-            print(f"  {'ok  ' if ok else 'FAIL'} {item:<60s} max err {err:.3e} (tol {tol:.0e}){' ' + note if note else ''}")
-        print(f"  -> {'FAIL' if self.failed else 'all match'} ({len(self.items)} items)")
-
-
-def compare_forward(rep, label, cfg, model, ref, x, y, tol_out, tol_loss, epochs_key="loss_terms_by_epoch"):
-    out = model(x)
+# --------------------------------------------------------------------------------------------------- checks ----
+def check_forward(report, label, setup, pair, ref):
+    """REF's tensors and loss terms against ours: the float32 rule, or float64 tolerances when PAIR holds only the
+    float64 side (float64_reference)."""
+    by_epoch = "loss_terms_by_epoch" in ref
+    tables = ref["loss_terms_by_epoch"] if by_epoch else ({0: ref["loss_terms"]} if "loss_terms" in ref else {})
+    ours = forward_and_losses(pair, setup.x, setup.y, list(tables) or [0])
+    out32 = ours[torch.float32][0] if torch.float32 in ours else None
+    out64 = ours[torch.float64][0]
     for key, value in ref.items():
-        if isinstance(value, torch.Tensor):
-            ours = out.get(OUT_KEYS.get(key, key))
-            if ours is None:
-                rep.add(f"{label}.{key}", math.inf, tol_out, "not produced")
-                continue
-            tol = TOL["gate_bn"] if key == "gate_bn_output_prerelu" and tol_out == TOL["out"] else tol_out
-            rep.rel(f"{label}.{key}", ours.detach(), value, tol)
-    if epochs_key in ref:
-        for epoch, terms in ref[epochs_key].items():
-            _, ours = losses(cfg, out, y, epoch)
-            ours = flat_terms(cfg, ours)
-            for name, value in terms.items():
-                if name not in ours:
-                    rep.add(f"{label}.loss[{epoch}].{name}", math.inf, tol_loss, "term not computed")
-                    continue
-                rep.rel(f"{label}.loss[{epoch}].{name}", ours[name], value, tol_loss)
-    if "loss_terms" in ref:  # DML
-        total, terms = dml_loss(out, y, cfg["T"])
-        ours = flat_terms(cfg, terms)
-        t = ref["loss_terms"]
-        for name in ours:
-            rep.rel(f"{label}.loss.{name}", ours[name], t[name], tol_loss)
-        pair_key = "kl_T2_pairwise[j][k] (used with --type)"
-        if pair_key in t:
-            from okddip.losses import kl_t
-            pro, m = out["pro"], out["pro"].size(-1)
-            mine = [[0.0 if j == k else float(kl_t(pro[:, :, j], pro[:, :, k], cfg["T"]).detach()) for k in range(m)]
-                    for j in range(m)]
-            refm = [[0.0 if v is None else v for v in row] for row in t[pair_key]]
-            rep.rel(f"{label}.loss.{pair_key}", mine, refm, tol_loss)
-        if "total_loss_with_--type" in t:
-            rep.rel(f"{label}.loss.total_loss_with_--type", float(dml_loss(out, y, cfg["T"], pairwise=True)[0]),
-                    t["total_loss_with_--type"], tol_loss)
-    return out
+        if not torch.is_tensor(value):
+            continue
+        name = OUTPUT_NAMES.get(key, key)
+        if name not in out64:
+            report.exact(f"{label}.{key}", False, "not produced by our model")
+        elif out32 is None:
+            report.float64(f"{label}.{key}", out64[name], value, F64["output"])
+        else:
+            report.float32(f"{label}.{key}", out32[name].detach(), value, out64[name].detach())
+    for epoch, stored in tables.items():
+        named = {d: fixture_terms(setup, terms[epoch], out) for d, (out, terms) in ours.items()}
+        if "total_loss_with_--type" in stored:  # DML: the same outputs under train_DML.py --type
+            pairwise_step = setup.script.build(script_args(setup.script, setup.argv, setup.hyper, type=True),
+                                               setup.num_classes)[1]
+            for d, (out, _) in ours.items():
+                named[d]["total_loss_with_--type"] = scalar(pairwise_step(lambda _: out, setup.x[d], setup.y, epoch)[0])
+        suffix = f"[{epoch}]" if by_epoch else ""
+        if "consistency_weight" in stored:  # a python float, in float64 as released
+            report.float64(f"{label}.loss{suffix}.consistency_weight", ours[torch.float64][1][epoch]
+                           ["consistency_weight"], stored["consistency_weight"], F64["loss"])
+        rows = {k: without_none(v) for k, v in stored.items() if k != "consistency_weight"}
+        missing = [k for k in rows if k not in named[torch.float64]]
+        if missing:
+            report.exact(f"{label}.loss{suffix}", False, f"terms not computed: {missing}")
+        elif out32 is None:
+            for k, v in rows.items():
+                report.float64(f"{label}.loss{suffix}.{k}", without_none(named[torch.float64][k]), v, F64["loss"])
+        else:
+            report.entries(f"{label}.loss{suffix}", {k: (without_none(named[torch.float32][k]), v,
+                                                         without_none(named[torch.float64][k]))
+                                                     for k, v in rows.items()}, shared_spread=True)
 
 
-def check_train_step(rep, label, cfg, weights, x, y, run, epoch, ind=False):
-    torch.manual_seed(0)
-    model = cfg["build"]()
-    if ind:
-        model.ind = True
-    model.load_state_dict(weights)
+def layer_floors(tensors):
+    """{module prefix: largest rms (float64) of the module's tensors}: the scale below which a tensor of the layer
+    is compared in absolute terms."""
+    floors = {}
+    for name, t in tensors.items():
+        if t is not None and t.is_floating_point() and t.numel():
+            prefix = name.rpartition(".")[0]
+            floors[prefix] = max(floors.get(prefix, 0.0), float(t.double().pow(2).mean().sqrt()))
+    return floors
+
+
+def layer_checksums(report, name, ours32, refs, ours64, floors):
+    """Stored checksums against our tensors, each tensor's scale at least its layer's floor."""
+    rows = {}
+    for key, ref in refs.items():
+        if key not in ours32 or key not in ours64:
+            report.exact(name, False, f"{key}: not produced by our model")
+            return
+        vectors = checksum_vectors(ours32[key], ours64[key], ref, floors.get(key.rpartition(".")[0], 0.0))
+        if vectors is None:
+            report.exact(name, False, f"{key}: fewer values than the stored checksum")
+            return
+        rows[key] = (vectors[0], vectors[2], vectors[1])
+    report.entries(name, rows, scale=1.0)
+
+
+def layer_tensors(report, name, ours32, refs, ours64, floors):
+    """Stored full tensors against ours, each divided by max(its largest |float64| value, its layer's floor)."""
+    rows = {}
+    for key, ref in refs.items():
+        scale = max(float(ours64[key].abs().max()), floors.get(key.rpartition(".")[0], 0.0), 1e-300)
+        rows[key] = (ours32[key] / scale, ref.double() / scale, ours64[key] / scale)
+    report.entries(name, rows, scale=1.0)
+
+
+def record_key(name, method, prefix):
+    """A released metric name (train_loss, mean_train_accTop1, stu2train_accTop5, dist, ...) -> our log key."""
+    student = {"okddip": "peer", "one": "branch", "dml": "net"}.get(method, "net")
+    p = prefix
+    patterns = [(rf"^{p}_loss$", "loss"), (rf"^{p}_true_loss$", "true_loss"), (rf"^{p}_group_loss$", "group_loss"),
+                (rf"^{p}_teacher_loss$", "teacher_loss"), (rf"^mean_{p}_accTop(\d)$", r"mean/top\1"),
+                (rf"^{p}_accTop(\d)$", r"ensemble/top\1"), (rf"^stu_{p}_accTop(\d)$", r"leader/top\1"),
+                (rf"^stu(\d+){p}_accTop(\d)$", student + r"\1/top\2"), (r"^dist$", "dist")]
+    for pattern, replacement in patterns:
+        if re.match(pattern, name):
+            key = re.sub(pattern, replacement, name)
+            if prefix == "train" and key == "mean/top5":
+                key = "mean/top1"  # the released train loops store the top-1 mean under mean_train_accTop5
+            return f"{prefix}/{key}"
+    return None
+
+
+def check_metrics(report, label, setup, stored, ours, prefix, skip=("time",)):
+    """Logged metrics: losses (one shared spread), accuracies (percent, scale 100), others one by one."""
+    losses, accuracies = {}, {}
+    for name, value in stored.items():
+        if name in skip:
+            continue
+        key = record_key(name, setup.method, prefix)
+        if key is None or key not in ours[torch.float64]:
+            report.exact(f"{label}.{name}", False, f"not logged by our script ({key})")
+            continue
+        row = (ours[torch.float32][key], value, ours[torch.float64][key])
+        if "/top" in key:
+            accuracies[name] = row
+        elif key.endswith("loss"):
+            losses[name] = row
+        else:
+            report.float32(f"{label}.{name}", *row)
+    if losses:
+        report.entries(f"{label}.logged losses", losses, shared_spread=True)
+    if accuracies:
+        report.entries(f"{label}.logged accuracies", accuracies, scale=100.0)
+
+
+def train_step(setup, args, epoch):
+    """One training step through the script's own code (build, make_optimizer, set_epoch_lr, optimize) in float32
+    and float64: {dtype: logged record}, {dtype: {parameter: gradient or None}}, {dtype: state after the step}."""
+    grads, states, records = {}, {}, {}
+    for dtype, (model, step) in setup.pair(args).items():
+        optimizer = engine.make_optimizer(model, args)
+        engine.set_epoch_lr(optimizer, args, epoch)
+        model.train()
+        _, terms, out = engine.optimize(model, optimizer, step, setup.x[dtype], setup.y, epoch)
+        meters = engine.EpochMeters(setup.method)
+        meters.update(terms, out, setup.y)
+        records[dtype] = meters.record("train")
+        grads[dtype] = {n: None if p.grad is None else p.grad.detach() for n, p in model.named_parameters()}
+        states[dtype] = {n: t.detach() for n, t in model.state_dict().items()}
+    return records, grads, states
+
+
+def check_train_step(report, label, setup, run, epoch, args):
+    """One stored run of the released train() against the same step of ours (ramp weight in float64)."""
+    if "consistency_weight" in run:
+        ramp = setup.script.build(args, setup.num_classes)[2]
+        report.float64(f"{label}.consistency_weight", ramp(epoch), run["consistency_weight"], F64["loss"])
+    records, grads, states = train_step(setup, args, epoch)
+    check_metrics(report, f"{label}.metric", setup, run["train_metrics_from_original_train()"], records, "train")
+    stored = run["grads_of_total_loss"]
+    ours = [k for k, g in grads[torch.float64].items() if g is not None]
+    report.equal(f"{label}.gradients present", sorted(k for k in ours if k in stored) +
+                 sorted(f"{k} (unknown to the fixture)" for k in stored if k not in grads[torch.float64]),
+                 sorted(k for k, g in stored.items() if g is not None))
+    with_grad = {k: g for k, g in stored.items() if g is not None and k in ours}
+    floors = layer_floors(grads[torch.float64])
+    layer_checksums(report, f"{label}.grads (l2, sum)", grads[torch.float32], with_grad, grads[torch.float64], floors)
+    full = {k: g["full"] for k, g in with_grad.items() if "full" in g}
+    if full:
+        layer_tensors(report, f"{label}.grads, stored full tensors", grads[torch.float32], full,
+                      grads[torch.float64], floors)
+    state_key = next(k for k in run if k.startswith("state_after_one_sgd_step"))
+    floors = layer_floors({k: t for k, t in states[torch.float64].items() if k in grads[torch.float64]})
+    layer_checksums(report, f"{label}.state after the step (sum, l2)", states[torch.float32], run[state_key],
+                    states[torch.float64], floors)
+
+
+def check_eval(report, setup, ref):
+    """Eval-mode outputs of the fresh model and the metrics of the script's evaluate() on the one batch."""
+    tensors = {k: v for k, v in ref.items() if torch.is_tensor(v)}
+    outs, records = {}, {}
+    for dtype, (model, step) in setup.pair().items():
+        recorder = Recorder(model)
+        records[dtype] = engine.evaluate(setup.args, recorder, [(setup.x[dtype], setup.y)], step, setup.method,
+                                         EVAL_EPOCH, CPU)
+        outs[dtype] = recorder.out
+    for key, value in tensors.items():
+        name = OUTPUT_NAMES.get(key, key)
+        report.float32(f"eval.{key}", outs[torch.float32][name], value, outs[torch.float64][name])
+    stored = next((v for k, v in ref.items() if k.startswith("metrics")), None)
+    if stored:
+        check_metrics(report, "eval.metric", setup, stored, records, "test")
+
+
+def check_detach_probe(report, setup, probe):
+    """With the attention targets x_m detached, the query projection gets no gradient (it learns only through the
+    targets, as released)."""
+    model, _ = setup.build()
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    out = model(x)
-    loss, terms = losses(cfg, out, y, epoch, ind=ind)
-    metrics, _, _ = authors_metrics(cfg, out, y, "train")
-    metrics.update(train_loss=float(loss), train_true_loss=float(terms["logged_train_true_loss"]),
-                   train_group_loss=float(terms["logged_train_group_loss"]))
-    for k, v in run["train_metrics_from_original_train()"].items():
-        if k == "time":
-            continue
-        if k not in metrics:
-            rep.add(f"{label}.metric.{k}", math.inf, TOL["metric"], "not computed")
-            continue
-        rep.rel(f"{label}.metric.{k}", metrics[k], v, TOL["loss"] if "loss" in k else TOL["metric"])
-    opt.zero_grad()
-    loss.backward()
-    params = dict(model.named_parameters())
-    worst_l2 = worst_sum = worst_full = 0.0
-    missing = []
-    for name, g in run["grads_of_total_loss"].items():
-        p = params.get(name)
-        if p is None:
-            missing.append(name)
-            continue
-        if g is None or p.grad is None:
-            if (g is None) != (p.grad is None):
-                missing.append(f"{name} (grad None mismatch)")
-            continue
-        gd = p.grad.double()
-        worst_l2 = max(worst_l2, abs(gd.norm().item() - g["l2"]) / max(g["l2"], GRAD_FLOOR))
-        worst_sum = max(worst_sum, abs(gd.sum().item() - g["sum"]) / max(g["l2"] * math.sqrt(gd.numel()),
-                                                                          GRAD_FLOOR))
-        if "full" in g:
-            worst_full = max(worst_full, ((gd - g["full"].double()).abs().max() / g["full"].abs().max()
-                                          .clamp_min(GRAD_FLOOR)).item())
-    rep.add(f"{label}.grads, every tensor (l2, rel)", worst_l2, TOL["grad_bn"],
-            f"{len(missing)} unmatched" if missing else "")
-    rep.add(f"{label}.grads, every tensor (sum, rel. to l2*sqrt(n))", worst_sum, TOL["grad_bn"])
-    rep.add(f"{label}.grads, stored full tensors (rel. to max)", worst_full, TOL["grad_full"])
-    if missing:
-        rep.add(f"{label}.grads present", math.inf, 0, ", ".join(missing[:3]))
-    opt.step()
-    state = model.state_dict()
-    key = next(k for k in run if k.startswith("state_after_one_sgd_step"))
-    worst = 0.0
-    for name, s in run[key].items():
-        t = state[name].double()
-        worst = max(worst, abs(t.norm().item() - s["l2"]) / max(s["l2"], 1e-12),
-                    abs(t.sum().item() - s["sum"]) / max(s["l2"] * math.sqrt(t.numel()), 1e-12))
-    rep.add(f"{label}.state after SGD step (sum, l2)", worst, TOL["state"])
+    out = model(setup.x[torch.float32])
+    out["x_m"] = out["x_m"].detach()
+    okddip_loss(out, setup.y, 1.0, setup.args.alpha, setup.args.temperature, setup.args.loss)[0].backward()
+    for name, expected in probe.items():
+        report.equal(f"detach_probe: {name}", model.query_weight.weight.grad is None, expected)
 
 
-def checksums_match(model, ref):
-    sd = model.state_dict()
-    worst = 0.0
-    for name, c in ref.items():
-        if name not in sd:
-            return math.inf
-        t = sd[name].double()
-        flat = t.reshape(-1)
-        vals = [(t.sum().item(), c["sum"]), (t.abs().sum().item(), c["abs_sum"]), (t.pow(2).sum().item(), c["sq_sum"])]
-        vals += list(zip(flat[:4].tolist(), c["first4"]))
-        scale = max(1.0, abs(c["abs_sum"]))
-        worst = max(worst, max(abs(a - b) for a, b in vals) / scale)
-    return worst
+def check_fixture(path, cli_args=None):
+    """Every item of the fixture file PATH (its weight parts beside it)."""
+    path = pathlib.Path(path)
+    return check(load_fixture(path), path.parent, path.name)
 
 
-def check_fixture(path):
-    fx = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = configure(fx)
-    rep = Report(f"{os.path.basename(path)}: {cfg['module']}.{cfg['arch']} C={cfg['num_classes']} "
-                 f"m={cfg['num_branches']} ({cfg['method']})")
-    x, y = fx["input"], fx["labels"]
-    weights = fixture_weights(fx, path)
-    model = cfg["build"]()
-    missing = set(model.state_dict()) ^ set(weights)
-    rep.add("state_dict keys", float(len(missing)), 0, f"differ: {sorted(missing)[:3]}" if missing else "")
-    if missing:
-        return rep
-    model.load_state_dict(weights)
-    model.train()
-    compare_forward(rep, "canonical", cfg, model, fx["canonical"], x, y, TOL["out"], TOL["loss"])
-    ind_key = next((k for k in fx["canonical"] if k.startswith("ind_mode_loss_terms")), None)
+def check(fx, folder, name):
+    """Every item of the loaded fixture FX (weight parts in FOLDER) -> common.parity.Report titled NAME."""
+    setup = Setup(fx, folder, name)
+    report = Report(setup.title)
+    ours = {k: list(v.shape) for k, v in setup.script.build(setup.args, setup.num_classes)[0].state_dict().items()}
+    theirs = {k: list(v.shape) for k, v in setup.weights[torch.float32].items()}
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    report.exact("layout (state-dict keys and shapes)", not differ,
+                 f"{len(differ)} keys differ, e.g. {[(k, ours.get(k), theirs.get(k)) for k in differ[:3]]}")
+    if report.failed():
+        return report
+
+    if "canonical" in fx:
+        check_forward(report, "canonical", setup, setup.pair(), fx["canonical"])
+    ind_key = next((k for k in fx.get("canonical", {}) if k.startswith("ind_mode_loss_terms")), None)
     if ind_key:
-        out = model(x)
-        _, terms = losses(cfg, out, y, 100, ind=True)
-        ours = flat_terms(cfg, terms)
-        for name, value in fx["canonical"][ind_key].items():
-            if name == "consistency_weight":
-                continue
-            rep.rel(f"canonical.ind.{name}", ours[name], value, TOL["loss"])
+        ind = script_args(setup.script, setup.argv, setup.hyper, ind=True)
+        check_forward(report, "canonical.ind", setup, setup.pair(ind),
+                      {"loss_terms_by_epoch": {FULL_RAMP_EPOCH: fx["canonical"][ind_key]}})
 
-    # seed regeneration, then the `exact` section with the regenerated weights
     if "exact_weight_checksums" in fx:
-        torch.manual_seed(cfg["init_seed"])
-        exact_model = cfg["build"]()
-        err = checksums_match(exact_model, fx["exact_weight_checksums"])
-        rep.add(f"seed-{cfg['init_seed']} weights regenerated (checksums)", err, 1e-6)
-        if "exact" in fx and err <= 1e-6:
-            exact_model.train()
-            compare_forward(rep, "exact", cfg, exact_model, fx["exact"], x, y, TOL["out"], TOL["loss"])
+        seed = setup.harness.get("init_seed", 0)
+        torch.manual_seed(seed)
+        regenerated = {k: v.detach() for k, v in setup.script.build(setup.args, setup.num_classes)[0]
+                       .state_dict().items()}
+        item = f"seed-{seed} weights regenerated (checksums)"
+        report.checksums(item, regenerated, fx["exact_weight_checksums"], as_dtype(regenerated, torch.float64))
+        if "exact" in fx and report.item(item).status != "FAIL":
+            check_forward(report, "exact", setup, setup.pair(weights=regenerated), fx["exact"])
 
     if "float64_reference" in fx:
-        m64 = cfg["build"]().double()
-        m64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in weights.items()})
-        m64.train()
         ref = {k: v for k, v in fx["float64_reference"].items() if k != "note"}
-        compare_forward(rep, "float64", cfg, m64, ref, x.double(), y, TOL["f64"], TOL["f64"])
+        check_forward(report, "float64", setup, {torch.float64: setup.pair()[torch.float64]}, ref)
 
     runs = fx.get("original_train_step", {})
-    if "train_metrics_from_original_train()" in runs:  # DML: a single run
+    if "train_metrics_from_original_train()" in runs:  # DML: a single run, no epoch level
         runs = {0: runs}
     for key, run in runs.items():
-        epoch = 0 if key == "ind_epoch0" else key
-        check_train_step(rep, f"train_step[{key}]", cfg, weights, x, y, run, epoch, ind=(key == "ind_epoch0"))
+        ind = key == "ind_epoch0"
+        args = script_args(setup.script, setup.argv, setup.hyper, ind=True) if ind else setup.args
+        check_train_step(report, f"train_step[{key}]", setup, run, 0 if ind else key, args)
 
     if "detach_probe" in fx:
-        torch.manual_seed(0)
-        m = cfg["build"]()
-        m.load_state_dict(weights)
-        out = m(x)
-        out["x_m"] = out["x_m"].detach()
-        losses(cfg, out, y, 100)[0].backward()
-        for name, expected in fx["detach_probe"].items():
-            rep.add(f"detach_probe: {name}", float((m.query_weight.weight.grad is None) != expected), 0)
-
+        check_detach_probe(report, setup, fx["detach_probe"])
     if "eval_mode_canonical" in fx:
-        model.load_state_dict(weights)
-        model.eval()
-        with torch.no_grad():
-            ref = fx["eval_mode_canonical"]
-            out = compare_forward(rep, "eval", cfg, model, {k: v for k, v in ref.items() if
-                                                            isinstance(v, torch.Tensor)}, x, y, TOL["out"], TOL["loss"])
-            mref = next((v for k, v in ref.items() if k.startswith("metrics")), None)
-            if mref:
-                ours, logits, individuals = authors_metrics(cfg, out, y, "test")
-                _, terms = losses(cfg, out, y, 100)
-                ours["test_true_loss"] = float(terms["logged_train_true_loss"])
-                ours["test_group_loss"] = float(terms["logged_train_group_loss"])
-                dist_sum, n = diversity_dist([logits[k] for k in individuals])
-                ours["dist"] = float(dist_sum) / n
-                for k, v in mref.items():
-                    if k in ("time", "test_loss"):
-                        continue  # test_loss depends on the ramp weight of the epoch evaluate() ran at
-                    if k in ours:
-                        rep.rel(f"eval.metric.{k}", ours[k], v, TOL["metric"])
-                    else:
-                        rep.add(f"eval.metric.{k}", math.inf, TOL["metric"], "not computed")
-    return rep
+        check_eval(report, setup, fx["eval_mode_canonical"])
+    return report
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("fixtures", nargs="*", help="fixture files (default: every *_fixture.pt in the shared folder)")
-    args = parser.parse_args(argv)
-    paths = args.fixtures or sorted(str(p) for p in DEFAULT_DIR.glob("*_fixture.pt"))
-    if not paths:
-        print(f"no fixtures given and none found in {DEFAULT_DIR}", file=sys.stderr)
-        return 2
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    failed = 0
-    for path in paths:
-        try:
-            rep = check_fixture(path)
-        except Exception as e:  # a fixture we cannot read is a failure, reported with its reason
-            print(f"== {os.path.basename(path)}\n  FAIL could not be checked: {type(e).__name__}: {e}")
-            failed += 1
-            continue
-        rep.print()
-        failed += rep.failed
-    print(f"{len(paths) - failed}/{len(paths)} fixtures match")
-    return 0 if failed == 0 else 1
+    torch.set_num_threads(1)  # our float32 rounding then does not depend on the machine's core count
+    return checker_main("okddip", check_fixture, __doc__, argv)
 
 
 if __name__ == "__main__":

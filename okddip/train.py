@@ -3,10 +3,9 @@
     python train.py --model resnet32 --dataset CIFAR100
     torchrun --nproc_per_node 8 train.py --model resnet34 --dataset imagenet --data-root IMAGENET ...
 """
-import torch.nn.functional as F
-
 from common.fast import autocast
 from okddip.engine import base_parser, check_args, count_classes, default_run_dir, train
+from okddip.losses import cross_entropy
 from okddip.models import plain_network
 
 SCRIPT = "okddip/train.py"
@@ -23,7 +22,7 @@ def build(args, num_classes):
     def step(net, x, y, epoch):
         with autocast(args, x.device):
             z = net(x)
-        loss = F.cross_entropy(z.float(), y)  # L = CE(z, y)
+        loss = cross_entropy(z, y)  # L = CE(z, y)
         return loss, {"total_loss": loss}, {"pro": z}
 
     return model, step

@@ -34,6 +34,9 @@ def parser():
                    help="ONE gate BatchNorm1d weight: U(0,1) as in the authors' torch 1.0.1, or 1 (torch >= 1.2)")
     p.add_argument("--vgg_double_pass", type=int, default=1, choices=[0, 1],
                    help="1 (released): VGG ONE runs every branch twice per forward; 0: once")
+    p.add_argument("--MulStu", action="store_true",
+                   help="released flag without a working method here (refused): network-based OKDDip is "
+                        "train_GL.py --MulStu")
     return p
 
 
@@ -58,6 +61,9 @@ def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
     check_args(args)
+    if args.MulStu:  # the released train_one.py builds MultiNet.StuNet and then crashes unpacking its 3 outputs
+        p.error("--MulStu: the released train_one.py has no working network-based ONE (it crashes); for "
+                "network-based OKDDip use train_GL.py --MulStu")
     if args.num_branches < 2:
         p.error(f"--num_branches {args.num_branches}: ONE/CL-ILR need at least 2 branches")
     model, step, ramp = build(args, count_classes(args))

@@ -1,4 +1,10 @@
-"""CIFAR VGG-16/19 of the released code: conv-BN-ReLU stages with max-pooling, a 3-layer MLP classifier."""
+"""CIFAR VGG-16/19 of the released code: conv-BN-ReLU stages with max-pooling, a 3-layer MLP classifier.
+
+The released module layout and key names: conv1, bn1, conv2, bn2 (64 channels, then max-pool), layer1..layer4 (each
+a Sequential of [Conv2d, BatchNorm2d, ReLU] per conv and a final MaxPool2d: keys `layer1.0`, `layer1.1`, `layer1.3`,
+...), classifier (Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear). Modules are created in that order, so a
+seeded construction draws the RNG as the released one does.
+"""
 import torch.nn as nn
 
 # convs per stage after the first two 64-channel convs: layer1..layer4
@@ -19,10 +25,13 @@ def mlp_classifier(num_classes, dropout):
 
 
 def build_vgg_trunk(owner, arch, upto):
-    """Registers conv1, conv2 (64 channels, then max-pool) and layer1..layer<upto> on OWNER."""
-    owner.conv1 = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
-    owner.conv2 = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                                nn.MaxPool2d(2, 2))
+    """Registers conv1, bn1, conv2, bn2, relu, maxpool and layer1..layer<upto> on OWNER; returns the channels."""
+    owner.conv1 = nn.Conv2d(3, 64, 3, padding=1)
+    owner.bn1 = nn.BatchNorm2d(64)
+    owner.conv2 = nn.Conv2d(64, 64, 3, padding=1)
+    owner.bn2 = nn.BatchNorm2d(64)
+    owner.relu = nn.ReLU(inplace=True)
+    owner.maxpool = nn.MaxPool2d(2, 2)
     in_ch = 64
     for i, (ch, n) in enumerate(STAGES[arch][:upto]):
         setattr(owner, f"layer{i + 1}", conv_stage(in_ch, ch, n))
@@ -31,7 +40,8 @@ def build_vgg_trunk(owner, arch, upto):
 
 
 def run_vgg_trunk(owner, x, upto):
-    x = owner.conv2(owner.conv1(x))
+    x = owner.relu(owner.bn1(owner.conv1(x)))
+    x = owner.maxpool(owner.relu(owner.bn2(owner.conv2(x))))
     for i in range(upto):
         x = getattr(owner, f"layer{i + 1}")(x)
     return x
