@@ -200,9 +200,10 @@ class Report:
         self._decide(name, {k: v[:4] for k, v in rows.items()}, detect, shared_spread,
                      scale=rows[next(iter(rows))][4] if len(rows) == 1 else None)
 
-    def checksums(self, name, ours32, refs, ours64, detect=DETECT, scale_floor=0.0):
+    def checksums(self, name, ours32, refs, ours64, detect=DETECT, scale_floor=0.0, also=()):
         """Stored checksums {key: checksum} against our tensors {key: tensor} (float32 and float64). A key missing
-        on our side is a failure; the item reports its worst entry."""
+        on our side is a failure; the item reports its worst entry. ALSO: further float32 results of ours, each a
+        {key: tensor} (another memory layout: other kernels), counted in the measured spread."""
         missing = [k for k in refs if k not in ours32 or k not in ours64]
         if missing:
             self._add(Item(name, FAIL, math.inf, 0.0, note=f"{len(missing)} stored keys not produced, e.g. "
@@ -219,7 +220,7 @@ class Report:
                 self._add(Item(name, FAIL, math.inf, 0.0, note=f"{key}: fewer values than the stored checksum"))
                 return
             a, e, r = vectors
-            rows[key] = (a, r, e, [])
+            rows[key] = (a, r, e, [checksum_vectors(other[key], ours64[key], ref, scale_floor)[0] for other in also])
         self._decide(name, rows, detect, shared_spread=False)
 
     def _decide(self, name, rows, detect, shared_spread, scale=None):

@@ -3,15 +3,16 @@
     python -m common.bench --paper dcm [--device cpu] [--batch 8] [--fast]
 
 A case builds the networks, the optimizer and the step with the training script's own functions
-(`dcm.main.build_networks`, `make_optimizer`, `train_step`), so the measured step is the trained one: forward of net 1
-then net 2 (every head), the method's loss (DCM 6 CE + 18 KL, DML 2 + 2, baseline CE only), one backward, one SGD
-step over both networks. The deployed network is net 1's main path (WRN-28-10 without its aux heads).
+(`dcm.main.build_networks`, `make_optimizer` over `trainable_parameters`, `train_step`), so the measured step is the
+trained one: forward of net 1 then net 2 (every head), the method's loss (DCM 6 CE + 18 KL, DML 2 + 2, baseline CE
+only), one backward, one SGD step over both networks. The deployed network is net 1's main path (WRN-28-10 without
+its aux heads).
 """
 import functools
 
 from common.bench import BenchCase, Built
 from common.fast import prepare_model
-from dcm.main import build_networks, cifar_loaders, make_optimizer, parse_args, train_step
+from dcm.main import build_networks, cifar_loaders, make_optimizer, parse_args, train_step, trainable_parameters
 from dcm.resnet import WRN
 
 NUM_CLASSES = 100  # CIFAR-100, as in table 1
@@ -25,7 +26,7 @@ def build(device, bench_args, method, net2):
         setattr(args, name, getattr(bench_args, name))
     nets = [net.to(device) for net in build_networks(args, NUM_CLASSES)]
     models = [prepare_model(net, args) for net in nets]
-    optimizer = make_optimizer([p for net in nets for p in net.parameters()], args.lr, args.weight_decay)
+    optimizer = make_optimizer(trainable_parameters(nets), args.lr, args.weight_decay)
     distill = method != "baseline"
 
     def step(x, y):

@@ -1,17 +1,16 @@
 """DCM's loss: deep-supervised cross-entropies plus dense cross-network KL (the authors' `KL_divergence.py` + main.py).
 
-Heads are named "n<net>.<head>" (n1.aux1, n1.aux2, n1.final, n2.aux1, ...). Every term is a small pure function; the
-total is a Python sum in the released order (6 CE, then the double loop over heads), which matters only for rounding.
+Heads are named "n<net>.<head>" (n1.aux1, n1.aux2, n1.final, n2.aux1, ...). Every term is a small pure function.
+The op order is the released one, which matters only for rounding: the 6 CE terms, then the double loop over heads,
+each KL taking the (detached) teacher logits and computing both smoothed softmaxes itself; the total is a Python sum.
+Logits are taken in at least float32 (bf16 autocast outputs are upcast, float64 stays float64).
 """
 import torch
 import torch.nn.functional as F
 
+from common.fast import at_least_fp32
+
 EPSILON = 1e-8
-
-
-def at_least_fp32(logits):
-    """The released code casts the logits to fp32 before the loss; float64 (parity references) stays float64."""
-    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def smoothed_softmax(logits, eps=EPSILON):
@@ -19,9 +18,10 @@ def smoothed_softmax(logits, eps=EPSILON):
     return (F.softmax(at_least_fp32(logits), dim=1) + eps) / (1 + logits.size(1) * eps)
 
 
-def kl_divergence(p_teacher, p_student):
-    # KL(P || Q) = (1/B) sum_b sum_c P_bc log(P_bc / Q_bc), computed as log of the ratio as released
-    return (p_teacher * torch.log(p_teacher / p_student)).sum() / p_teacher.size(0)
+def kl_divergence(teacher_logits, student_logits):
+    # KL(p~_t || p~_s) = (1/B) sum_b sum_c p~_t,bc log(p~_t,bc / p~_s,bc): log of the ratio, per-sample sums, batch mean
+    p_teacher, p_student = smoothed_softmax(teacher_logits), smoothed_softmax(student_logits)
+    return (p_teacher * torch.log(p_teacher / p_student)).sum(1).mean()
 
 
 def cross_entropy(logits, target):
@@ -63,11 +63,10 @@ def loss_terms(outputs_per_net, target, distill=True):
     nets = [net for net, outputs in enumerate(outputs_per_net) for _ in outputs]
     terms = [cross_entropy(z, target) for z in logits]
     if distill:
-        probs = [smoothed_softmax(z) for z in logits]
-        for i in range(len(logits)):
-            for j in range(len(logits)):
+        for i, student in enumerate(logits):
+            for j, teacher in enumerate(logits):
                 if nets[i] != nets[j]:
-                    terms.append(kl_divergence(probs[j].detach(), probs[i]))
+                    terms.append(kl_divergence(teacher.detach(), student))
     return terms
 
 

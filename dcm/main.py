@@ -13,8 +13,8 @@ both networks are checkpointed, and --resume works.
 The fast path (common.fast; all off by default; `--fast` turns it all on on a GPU, channels_last alone on the CPU):
 --data-on-device keeps CIFAR on the device and augments there with the released reflect padding and pad -> flip ->
 crop order; --amp bf16 runs the forwards under autocast while every softmax, CE and KL stays in fp32;
---channels-last and --compile prepare the networks. Inside the training step nothing waits for the device: losses and accuracies are summed on it and read at
-the print interval (--print_freq) and at the epoch end.
+--channels-last and --compile prepare the networks. Inside the training step nothing waits for the device: losses and
+accuracies are summed on it and read at the print interval (--print_freq) and at the epoch end.
 """
 import argparse
 import json
@@ -28,7 +28,7 @@ from common.data import cifar_datasets, cifar_test_transform, cifar_train_transf
 from common.fast import DeviceCifarLoader, add_fast_args, autocast, prepare_model, resolve_fast_args
 from common.logging import FiniteGuard, RunLogger, add_common_args
 from common.meters import AccuracyMeter, Timer
-from dcm.losses import loss_terms, term_names, total_loss
+from dcm.losses import cross_entropy, loss_terms, term_names, total_loss
 from dcm.mobilenet import MobileNet
 from dcm.resnet import WRN, wrn_hyper
 
@@ -146,8 +146,20 @@ def batch_norm_buffers(net):
     return {k: v.clone() for k, v in net.state_dict().items() if "running_" in k or "num_batches" in k}
 
 
+def restore_batch_norm_buffers(net, saved):
+    state = net.state_dict()
+    with torch.no_grad():
+        for k, v in saved.items():
+            state[k].copy_(v)
+
+
 def forward_all(models, x):
     return [list(model(x)) for model in models]
+
+
+def trainable_parameters(nets):
+    """What the released optimizer sees: every trainable tensor of net 1, then net 2's."""
+    return [p for net in nets for p in net.parameters()]
 
 
 def make_optimizer(params, lr, weight_decay):
@@ -155,11 +167,20 @@ def make_optimizer(params, lr, weight_decay):
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
+def optimizer_for_epoch(optimizer, params, epoch, args):
+    """The released schedule at the start of 0-based EPOCH: when the 1-based epoch is in --epoch_step, a brand-new
+    SGD with the lr times --lr_decay_ratio (the momentum buffers are dropped, as released); otherwise OPTIMIZER."""
+    if epoch + 1 not in args.epoch_step:
+        return optimizer
+    return make_optimizer(params, optimizer.param_groups[0]["lr"] * args.lr_decay_ratio, args.weight_decay)
+
+
 def train_step(models, optimizer, x, y, distill, args, device):
     """One released iteration: zero_grad, forward net 1 then net 2 on the same batch, the loss, backward, SGD step.
 
-    Under --amp bf16 only the forwards run in autocast: loss_terms casts every logit to fp32, so the softmaxes,
-    CEs and KLs are fp32. Returns the pre-update outputs, the loss terms and the total, all still on the device.
+    Under --amp bf16 only the forwards run in autocast: loss_terms takes every logit in at least fp32, so the
+    softmaxes, CEs and KLs are fp32. Returns the pre-update outputs, the loss terms and the total, all still on the
+    device.
     """
     optimizer.zero_grad()
     with autocast(args, device):
@@ -214,7 +235,7 @@ def main(argv=None):
     if args.ngpu > 1:
         ids = [int(i) for i in args.gpu_id.split(",")] if "," in args.gpu_id else list(range(args.ngpu))
         models = [nn.DataParallel(model, device_ids=ids[: args.ngpu]) for model in models]
-    params = [p for net in nets for p in net.parameters()]  # net 1 then net 2, as released
+    params = trainable_parameters(nets)
     n_parameters = sum(p.numel() for p in params)
     distill = args.method != "baseline"
     on_device_data = isinstance(train_loader, DeviceCifarLoader)  # draws from its own generator, checkpointed
@@ -261,10 +282,8 @@ def main(argv=None):
     guard = FiniteGuard()
     names, record = None, None
     for epoch in range(start_epoch, args.epochs):
-        if epoch_resume is None and epoch + 1 in args.epoch_step:
-            # Released schedule: a brand-new SGD with the decayed lr, so the momentum buffers are dropped.
-            optimizer = make_optimizer(params, optimizer.param_groups[0]["lr"] * args.lr_decay_ratio,
-                                       args.weight_decay)
+        if epoch_resume is None:  # a mid-epoch resume restored the optimizer of this epoch
+            optimizer = optimizer_for_epoch(optimizer, params, epoch, args)
         for model in models:
             model.train()
         timer = Timer()
@@ -333,20 +352,37 @@ def main(argv=None):
     logger.finish({k: v for k, v in (record or {}).items() if k.startswith(("test/", "best/"))})
 
 
+def test_outputs(models, nets, archs, x):
+    """One test batch: the outputs of every network with eval-mode BN, and those of the released test path, where
+    MobileNet keeps train-mode BN (batch statistics). That pass would write the test batch into MobileNet's running
+    statistics (the released code let it, and never used them); they are put back at once, so that the eval-mode
+    pass of every batch reads the trained statistics."""
+    for model in models:
+        model.eval()
+    outputs = forward_all(models, x)
+    released = list(outputs)
+    for i, arch in enumerate(archs):
+        if arch == "mobilenet":
+            saved = batch_norm_buffers(nets[i])
+            models[i].train()
+            released[i] = list(models[i](x))
+            models[i].eval()
+            restore_batch_norm_buffers(nets[i], saved)
+    return outputs, released
+
+
 @torch.no_grad()
 def evaluate(models, nets, archs, loader, device, args, distill):
     """Every head of every network, eval-mode BN; MobileNet also with batch-statistics BN (the released test path).
 
     The released test loss is the method's loss with the WRNs in eval mode and MobileNet in train mode; its
-    per-batch unweighted mean is logged as test/loss. MobileNet's batch-statistics pass would write test data into
-    its running statistics (the released code let it, and never used them); they are restored afterwards.
-    Losses are summed on the device in float64 (equal to summing their .item()s) and read once at the end.
+    per-batch unweighted mean is logged as test/loss. Losses are summed on the device in float64 (equal to summing
+    their .item()s) and read once at the end.
     """
     keys = head_keys(nets)
     acc = {k: AccuracyMeter() for _, _, k in keys}
     mobile = [i for i, a in enumerate(archs) if a == "mobilenet"]
     batch_stats_acc = {k: AccuracyMeter() for i, _, k in keys if i in mobile}
-    saved = {i: batch_norm_buffers(nets[i]) for i in mobile}
     ce_sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # sum of batch size x head CE
     released_loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of batch losses
     batches, samples = 0, 0
@@ -354,16 +390,9 @@ def evaluate(models, nets, archs, loader, device, args, distill):
         if args.eval_batches and b >= args.eval_batches:
             break
         x, y = to_device(x, y, device, args.channels_last)
-        for model in models:
-            model.eval()
         with autocast(args, device):
-            outputs = forward_all(models, x)
-            released = list(outputs)
-            for i in mobile:
-                models[i].train()
-                released[i] = list(models[i](x))
-                models[i].eval()
-        ce = torch.stack([nn.functional.cross_entropy(outputs[i][h].float(), y) for i, h, _ in keys])
+            outputs, released = test_outputs(models, nets, archs, x)
+        ce = torch.stack([cross_entropy(outputs[i][h], y) for i, h, _ in keys])
         ce_sums += ce.double() * x.size(0)
         for i, h, k in keys:
             acc[k].update(outputs[i][h], y)
@@ -371,8 +400,6 @@ def evaluate(models, nets, archs, loader, device, args, distill):
                 batch_stats_acc[k].update(released[i][h], y)
         released_loss_sum += total_loss(loss_terms(released, y, distill)).double()
         batches, samples = batches + 1, samples + x.size(0)
-    for i in mobile:
-        nets[i].load_state_dict({**nets[i].state_dict(), **saved[i]})
     record = {"test/loss": released_loss_sum.item() / max(batches, 1)}
     for (_, _, k), ce_sum in zip(keys, ce_sums.tolist()):
         top = acc[k].per_sample()

@@ -1,316 +1,235 @@
-"""Exact parity of dcm/ with the released code, on the reference fixtures.
+"""Parity of dcm/ with the released code, on fixtures computed by it (../shared/fixtures/SCHEMA.md, section 1).
 
-    python -m dcm.parity                       # every *_fixture.pt in ../shared/fixtures/dcm
-    python -m dcm.parity A_fixture.pt ...      # any fixture in that format (any depth, width, seed, batch, partner)
+    python -m dcm.parity                       # every *_fixture.pt in the fixtures root's dcm/ folder
+    python -m dcm.parity A_fixture.pt ...      # any fixture of the schema: any depth, width, class count, seed,
+                                               # batch, WRN or MobileNet partner, float16-rounded weights
 
-For each fixture it rebuilds the configuration, regenerates the initial weights from the stored seed / RNG state
-and checks them against the stored weights or checksums, loads the stored weights, and checks: logits of every head
-(train-mode and eval-mode BN, and MobileNet's released test path), each of the loss terms and their sum on the
-training path and on the released test path, the checksum of every parameter and buffer after one SGD step
-(lr 0.1, momentum 0.9, wd 5e-4), and the loss terms of a second forward after that step. It prints the largest
-error of each item and exits 0 only when every item is within tolerance.
+Each fixture is rebuilt as dcm/main.py builds its configuration. The initial weights come from the script's own
+`build_networks` (seed, released init, CPU-RNG order) and must equal the stored ones bit for bit (their float16
+rounding, and the checksums of the un-rounded values, for a rounded fixture; the stored checksums for MobileNet,
+whose weights are not stored), and the stored RNG states must be the ones the released order leaves. From the stored
+weights and batch our code then computes, through the script's own functions:
+
+* the released test path (`test_outputs`): the logits of every head with eval-mode BN, MobileNet's logits with the
+  batch statistics the released test path used, and the 24 loss terms and their sum on that path;
+* one training iteration (`train_step`, with the optimizer of `make_optimizer` over `trainable_parameters` at the
+  script's lr and weight decay): the train-mode logits of every head, the 24 loss terms and their sum, the checksum
+  of every parameter and BN buffer after the step;
+* a second train-mode forward after the step: its 24 loss terms and their sum.
+
+Every quantity is computed in float32 (as the reference was, and once more in the channels_last layout: other
+kernels and summation orders) and in float64 from the same weights and batch, and common/parity.py derives each
+item's tolerance from the measured float32 rounding, the larger of the two (common.parity.RULE). The
+post-step checksums must see weight decay's relative change of a weight in one step (lr x weight decay = 5e-5): an
+entry whose float32 rounding is larger than that (MobileNet's first step is ill-conditioned: the loss goes from 29.8
+to 49.5) is reported as not comparable in float32; the DCM fixtures carry no float64 reference to check it instead.
 """
-import argparse
 import copy
-import math
 import pathlib
 import sys
 
 import torch
 
+from common import parity as core
+from common.parity import F64, FixtureError, Report
+from dcm import losses
+from dcm import main as script
 from dcm.convert import flat_to_wrn, wrn_to_flat
-from dcm.losses import loss_terms, term_names, total_loss
-from dcm.mobilenet import MobileNet
-from dcm.resnet import WRN
+from dcm.resnet import WRN, wrn_hyper
 
-DEFAULT_FOLDER = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "dcm"
-TOLERANCES = {  # (logits atol, loss rtol, checksum rtol)
-    "cpu": (1e-5, 1e-6, 1e-5),
-    "cuda": (1e-4, 1e-5, 1e-4),  # TF32 disabled below
-}
+HEADS = ("aux1", "aux2", "final")
+REQUIRED_KEYS = ("config", "net1_init", "input", "target", "loss_term_names", "outputs_train_mode",
+                 "outputs_eval_mode", "loss_terms_train", "loss_train", "loss_terms_test_path_init",
+                 "loss_test_path_init", "after_one_sgd_step")
 
 
-def checksum(t):
-    t = t.detach().cpu().double().reshape(-1)
-    return {"sum": t.sum().item(), "abs_sum": t.abs().sum().item(), "sq_sum": (t * t).sum().item(),
-            "first": t[:5].tolist()}
-
-
-def checksum_error(ours, ref):
-    """Largest error between two checksums: sums relative to the reference's abs_sum, first values absolute."""
-    if "shape" in ours and "shape" in ref and list(ours["shape"]) != list(ref["shape"]):
-        return math.inf
-    scale = max(ref["abs_sum"], 1e-12)
-    errs = [abs(ours["sum"] - ref["sum"]) / scale, abs(ours["abs_sum"] - ref["abs_sum"]) / scale,
-            abs(ours["sq_sum"] - ref["sq_sum"]) / max(ref["sq_sum"], 1e-12)]
-    errs += [abs(a - b) for a, b in zip(ours["first"], ref["first"])]
-    if len(ours["first"]) != len(ref["first"]):
-        return math.inf
-    return max(errs)
-
-
-def state_checksums(state):
-    out = {}
-    for k, v in state.items():
-        c = checksum(v)
-        c["shape"] = list(v.shape)
-        out[k] = c
-    return out
-
-
-def max_checksum_error(ours, ref):
-    """(largest error, worst key); a key missing on either side is an infinite error."""
-    if list(ours) != list(ref):
-        missing = [k for k in ref if k not in ours] + [k for k in ours if k not in ref]
-        return math.inf, f"key mismatch {missing[:3]}"
-    worst = max(ref, key=lambda k: checksum_error(ours[k], ref[k]))
-    return checksum_error(ours[worst], ref[worst]), worst
-
-
-def as_float32(state):
-    """Fixture weights may be float16 (rounded fixtures): the references were computed with their float32 casts."""
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-
-
-def abs_err(a, b):
-    return (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()
-
-
-def rel_err(a, b):
-    return abs(float(a) - float(b)) / max(abs(float(b)), 1e-12)
-
-
-class Report:
-    def __init__(self, name):
-        self.name, self.rows, self.ok = name, [], True
-
-    def add(self, item, err, tol, note=""):
-        good = err <= tol
-        self.ok &= good
-        self.rows.append((item, err, tol, good, note))
-
-    def print(self):
-        print(f"== {self.name}")
-        width = max(len(r[0]) for r in self.rows)
-        for item, err, tol, good, note in self.rows:
-            print(f"  {'ok  ' if good else 'FAIL'} {item:<{width}}  max err {err:.3e}  (tol {tol:.0e}){note}")
-        print(f"  -> {'PASS' if self.ok else 'FAIL'}")
-
-
-def build_pair(fx):
-    """Rebuild the fixture's networks with the released init; return (net1, net2, net2 arch, regen report rows)."""
+def configuration(fx, name):
+    """The script's options for the fixture's configuration, its class count and whether its weights are rounded."""
+    missing = [k for k in REQUIRED_KEYS if k not in fx]
+    if missing:
+        raise FixtureError(f"{name}: missing keys {missing} (SCHEMA.md, section 1)")
     cfg = fx["config"]
-    depth, width, num_classes = int(cfg["depth"]), float(cfg["width"]), int(cfg.get("num_classes", 100))
+    try:
+        depth, width, seed = int(cfg["depth"]), float(cfg["width"]), int(cfg["init_seed"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise FixtureError(f"{name}: config needs depth, width and init_seed ({e!r})") from e
     mobile = "net2_init_checksums" in fx
-    rows = []
-    rounded = bool(cfg.get("weights_fp16_rounded", False))
+    variant = cfg.get("variant")
+    if (variant is not None and str(variant).startswith("wrn_mobi") != mobile) or not (mobile or "net2_init" in fx):
+        raise FixtureError(f"{name}: a MobileNet fixture ('wrn_mobi' variant) carries net2_init_checksums, a WRN "
+                           f"pair fixture net2_init")
+    try:
+        wrn_hyper(depth, width)
+    except ValueError as e:
+        raise FixtureError(f"{name}: a configuration dcm/main.py does not run: {e}") from e
+    args = script.parse_args(["--depth", str(depth), "--width", repr(width), "--seed", str(seed), "--method", "dcm",
+                              "--net2", "mobilenet" if mobile else "wrn", "--device", "cpu"])
+    return args, int(cfg.get("num_classes", 100)), bool(cfg.get("weights_fp16_rounded", False))
 
-    # Regenerate from the seed exactly as dcm/main.py does: build, re-seed, re-initialise in the released order.
-    net1 = WRN(depth, width, num_classes)
-    net2 = MobileNet(num_classes) if mobile else WRN(depth, width, num_classes)
-    torch.manual_seed(int(cfg["init_seed"]))
+
+def released_state(net):
+    """A network's state in the released layout: the flat dict for a WRN, the state_dict (no `module.`) for
+    MobileNet."""
+    state = net.state_dict()
+    return wrn_to_flat(state) if isinstance(net, WRN) else state
+
+
+def post_step_checksums(report, name, ours32, other32, stored, ours64, detect):
+    """Stored checksums against our float32 and float64 tensors, as Report.checksums compares them (each field
+    normalised by our float64 tensor's), with OTHER32 as a second float32 result in the measured spread."""
+    if list(ours32) != list(stored):
+        return  # the key-layout item has failed
+    entries, also = {}, {}
+    for key, ref in stored.items():
+        if list(ours64[key].shape) != list(ref["shape"]):
+            report.exact(name, False, f"{key}: shape {list(ours64[key].shape)}, reference {list(ref['shape'])}")
+            return
+        vectors = core.checksum_vectors(ours32[key], ours64[key], ref)
+        if vectors is None:
+            report.exact(name, False, f"{key}: fewer values than the stored checksum")
+            return
+        a, e, r = vectors
+        entries[key], also[key] = (a, r, e), [core.checksum_vectors(other32[key], ours64[key], ref)[0]]
+    report.entries(name, entries, scale=1.0, detect=detect, also=also)
+
+
+def check_checksums(report, name, state, stored):
+    """Exact weights against stored checksums: float64 sums of the same float32 values, so float64 agreement."""
+    report.equal(f"{name}: keys and shapes", [(k, list(v.shape)) for k, v in state.items()],
+                 [(k, list(c["shape"])) for k, c in stored.items()])
+    if list(state) != list(stored):
+        return
+    vectors = [core.checksum_vectors(state[k], state[k], stored[k]) for k in stored]
+    if any(v is None for v in vectors):
+        report.exact(f"{name} = stored checksums", False, "a tensor smaller than its stored leading values")
+        return
+    report.float64(f"{name} = stored checksums", torch.cat([e for _, e, _ in vectors]),
+                   torch.cat([r for _, _, r in vectors]), F64["loss"], scale=1.0)
+
+
+def check_initial_weights(report, fx, args, num_classes, rounded):
+    """Regenerate the initial weights through the script and check them; return the networks holding the weights
+    the references were computed with (float32)."""
     if "rng_state_before_net1" in fx:
-        rows.append(("rng state before net1 (from init_seed)",
-                     0.0 if torch.equal(torch.get_rng_state(), fx["rng_state_before_net1"]) else math.inf, 0.0))
-    net1.reset_parameters_as_released()
-    rng_after_net1 = torch.get_rng_state()
-    rng_key = "rng_state_before_mobilenet" if mobile else "rng_state_before_net2"
-    rows.append((f"{rng_key} (after net1 init)",
-                 0.0 if torch.equal(rng_after_net1, fx[rng_key]) else math.inf, 0.0))
-    if mobile:
-        torch.set_rng_state(fx["rng_state_before_mobilenet"])
-        net2 = MobileNet(num_classes)  # PyTorch default init from the stored RNG state, as released
-    else:
-        torch.set_rng_state(fx["rng_state_before_net2"])
-        net2.reset_parameters_as_released()
-
-    # Compare the regenerated weights with the stored ones (or their checksums).
-    for label, net, key in (("net1", net1, "net1_init"), ("net2", net2, "net2_init")):
-        ours = wrn_to_flat(net.state_dict()) if isinstance(net, WRN) else net.state_dict()
-        if key in fx:
-            ref = fx[key]
-            if list(ref) != list(ours):
-                rows.append((f"{label} init regenerated from seed (key layout)", math.inf, 0.0))
-                continue
-            if rounded:
-                err = max(abs_err(ours[k].half().float() if ours[k].is_floating_point() else ours[k], ref[k].float())
-                          for k in ref)
-                rows.append((f"{label} init regenerated, fp16-rounded vs stored", err, 0.0))
-                exact = fx.get(f"{key}_exact_checksums")
-                if exact is not None:
-                    err, worst = max_checksum_error(state_checksums(ours), exact)
-                    rows.append((f"{label} init regenerated vs exact checksums", err, 1e-7))
-            else:
-                err = max(abs_err(ours[k], ref[k]) for k in ref)
-                rows.append((f"{label} init regenerated from seed vs stored", err, 0.0))
-        else:
-            err, worst = max_checksum_error(state_checksums(ours), fx[f"{key}_checksums"])
-            rows.append((f"{label} init regenerated from RNG state vs checksums", err, 1e-7))
-
-    # Load the stored weights (they define the references; for MobileNet the regenerated ones are the stored ones).
-    net1.load_state_dict(flat_to_wrn(as_float32(fx["net1_init"])))
-    if not mobile:
-        net2.load_state_dict(flat_to_wrn(as_float32(fx["net2_init"])))
-    return net1, net2, ("mobilenet" if mobile else "wrn"), rows
+        torch.manual_seed(args.seed)
+        report.exact("RNG state before net 1 = torch.manual_seed(init_seed)",
+                     torch.equal(torch.get_rng_state(), fx["rng_state_before_net1"]))
+    rng_key = "rng_state_before_mobilenet" if args.net2 == "mobilenet" else "rng_state_before_net2"
+    if rng_key in fx:
+        net = WRN(args.depth, args.width, num_classes)
+        torch.manual_seed(args.seed)
+        net.reset_parameters_as_released()
+        report.exact(f"{rng_key} = the RNG state net 1's released init leaves",
+                     torch.equal(torch.get_rng_state(), fx[rng_key]))
+    nets = script.build_networks(args, num_classes)
+    for label, net in zip(("net1", "net2"), nets):
+        ours = released_state(net)
+        if f"{label}_init" not in fx:  # MobileNet: weights not stored, their checksums are
+            check_checksums(report, f"{label} initial weights regenerated", ours, fx[f"{label}_init_checksums"])
+            continue
+        stored = fx[f"{label}_init"]
+        report.equal(f"{label} initial weights: keys and shapes", [(k, list(v.shape)) for k, v in ours.items()],
+                     [(k, list(v.shape)) for k, v in stored.items()])
+        if list(ours) == list(stored):
+            expected = {k: v.half() if rounded and v.is_floating_point() else v for k, v in ours.items()}
+            wrong = [k for k in stored if not torch.equal(expected[k], stored[k])]
+            report.exact(f"{label} initial weights regenerated{' (float16-rounded)' if rounded else ''} = stored, "
+                         f"bit for bit", not wrong, f"{len(wrong)} tensors differ, e.g. {wrong[:3]}" if wrong else "")
+        if f"{label}_init_exact_checksums" in fx:
+            check_checksums(report, f"{label} un-rounded initial weights regenerated", ours,
+                            fx[f"{label}_init_exact_checksums"])
+        net.load_state_dict(flat_to_wrn(core.as_dtype(stored, torch.float32)))
+    return nets
 
 
-def compute(net1, net2, arch2, x, y, device, channels_last=False, step_only=False):
-    """Every checked quantity (step_only: only those after the SGD step). channels_last=True computes them in
-    another memory layout, i.e. with other convolution kernels and summation orders: a second correct float32
-    result."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    net1 = copy.deepcopy(net1).to(device, memory_format=layout)
-    net2 = copy.deepcopy(net2).to(device, memory_format=layout)
-    x, y = x.to(device).contiguous(memory_format=layout), y.to(device)
+def compute(nets, x, y, args, dtype):
+    """Every checked quantity, computed by our code in DTYPE from NETS and the batch, through the script's
+    functions: the released test path, one training iteration, a train-mode forward after it."""
+    nets = [copy.deepcopy(net).to(dtype) for net in nets]
+    x = x.to(dtype)
     r = {}
-
-    def fresh(train1, train2):
-        return copy.deepcopy(net1).train(train1), copy.deepcopy(net2).train(train2)
-
-    if not step_only:
-        with torch.no_grad():
-            a, b = fresh(True, True)
-            r["out_train"] = [a(x), b(x)]
-            r["terms_train"] = loss_terms(r["out_train"], y)
-            a, b = fresh(False, False)
-            r["out_eval"] = [a(x), b(x)]
-            test_outputs = list(r["out_eval"])
-            if arch2 == "mobilenet":  # the released test path never puts MobileNet in eval mode
-                _, b = fresh(False, True)
-                r["out_net2_released_test"] = b(x)
-                test_outputs[1] = r["out_net2_released_test"]
-            r["terms_test"] = loss_terms(test_outputs, y)
-
-    # One released iteration: zero_grad, forward net1 then net2, the loss, backward, one SGD over both nets.
-    a, b = fresh(True, True)
-    optimizer = torch.optim.SGD(list(a.parameters()) + list(b.parameters()), lr=0.1, momentum=0.9,
-                                weight_decay=5e-4, nesterov=False, dampening=0)
-    optimizer.zero_grad()
-    total_loss(loss_terms([a(x), b(x)], y)).backward()
-    optimizer.step()
-    for label, net in (("net1", a), ("net2", b)):
-        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-        r[f"{label}_after"] = state_checksums(wrn_to_flat(state) if isinstance(net, WRN) else state)
     with torch.no_grad():
-        r["terms_after"] = loss_terms([a(x), b(x)], y)
+        r["out_eval"], released = script.test_outputs(nets, nets, ["wrn", args.net2], x)
+        r["out_released_test"] = released[1]
+        r["terms_test"] = losses.loss_terms(released, y)
+    for net in nets:
+        net.train()
+    optimizer = script.make_optimizer(script.trainable_parameters(nets), args.lr, args.weight_decay)
+    outputs, terms, _ = script.train_step(nets, optimizer, x, y, True, args, torch.device("cpu"))
+    r["out_train"] = [[o.detach() for o in out] for out in outputs]
+    r["terms_train"] = [t.detach() for t in terms]
+    r["after"] = [{k: v.detach().clone() for k, v in released_state(net).items()} for net in nets]
+    with torch.no_grad():
+        r["terms_after"] = losses.loss_terms(script.forward_all(nets, x), y)
     return r
 
 
-def check_fixture(path, device="cpu", strict=False):
-    """Compare with the fixture.
-
-    Before the SGD step everything is well conditioned and checked at the nominal tolerances (a loss term relative
-    to the total loss it is part of). After the step, each entry's tolerance is the nominal one raised (unless
-    strict) to 3x the entry's own rounding sensitivity: the distance between two correct float32 computations of
-    this code (contiguous vs channels_last memory layout, i.e. other kernels and summation orders). A BN bias after
-    one step is -lr x a near-cancelling sum, and with MobileNet's large first step two correct float32 runs differ by
-    about 1e-3 there; the reference is one such run. A wrong formula is not hidden: it is wrong in both layouts.
-    """
-    fx = torch.load(path, map_location="cpu", weights_only=False)
-    logit_tol, loss_tol, ck_tol = TOLERANCES["cuda" if str(device).startswith("cuda") else "cpu"]
+def check_fixture(path, args=None):
+    """The report of one fixture (args: the command line's, unused)."""
+    path = pathlib.Path(path)
+    fx = core.load_fixture(path)
+    options, num_classes, rounded = configuration(fx, path.name)
     cfg = fx["config"]
-    report = Report(f"{pathlib.Path(path).name}: {cfg.get('variant', '')}, depth {cfg['depth']}, "
-                    f"width {cfg['width']}, seed {cfg['init_seed']}, batch {tuple(fx['input'].shape)}")
-    net1, net2, arch2, rows = build_pair(fx)
-    for item, err, tol in rows:
-        report.add(item, err, tol)
+    report = Report(f"{path.name}: WRN-{options.depth}-{options.width:g} | "
+                    f"{'MobileNet' if options.net2 == 'mobilenet' else 'WRN'}, {num_classes} classes, init seed "
+                    f"{options.seed}, batch seed {cfg.get('batch_seed', 1)}"
+                    f"{', float16-rounded weights' if rounded else ''}")
+    nets = check_initial_weights(report, fx, options, num_classes, rounded)
     x, y = fx["input"], fx["target"]
-    ours = compute(net1, net2, arch2, x, y, device)
-    other = compute(net1, net2, arch2, x, y, device, channels_last=True, step_only=True)
+    report.exact("labels within the class count", bool(((y >= 0) & (y < num_classes)).all()))
+    ours32 = compute(nets, x, y, options, torch.float32)
+    # A second float32 result of ours, with other kernels and summation orders: the spread is the larger of the two.
+    layout = torch.channels_last
+    other32 = compute([copy.deepcopy(net).to(memory_format=layout) for net in nets],
+                      x.contiguous(memory_format=layout), y, options, torch.float32)
+    ours64 = compute(nets, x, y, options, torch.float64)
 
-    def add(item, pairs, nominal, error, floor=None):
-        """pairs: (ours, other layout, reference); the item's error is its worst entry relative to its tolerance.
-        floor: None (nominal only), "entry" (each entry's own sensitivity: tensors differ in conditioning) or
-        "item" (the largest over the item: loss terms all derive from the same perturbed weights)."""
-        if not pairs:
-            report.add(item, math.inf, nominal, "  (nothing to compare)")
+    def logits(name, key, net, ref):
+        a, c, b = (r[key] if net is None else r[key][net] for r in (ours32, other32, ours64))
+        if len(ref) != len(HEADS):
+            report.equal(f"{name}: number of heads", len(HEADS), len(ref))
             return
-        item_floor = max(error(o, e) for o, e, _ in pairs)
-        worst = None
-        for o, e, ref in pairs:
-            err = error(o, ref)
-            sensitivity = {"entry": error(o, e), "item": item_floor}.get(floor, 0.0) if not strict else 0.0
-            tol = max(nominal, 3.0 * sensitivity)
-            if worst is None or err / tol > worst[0] / worst[1]:
-                worst = (err, tol)
-        report.add(item, *worst)
+        report.entries(name, {h: (a[i], ref[i], b[i]) for i, h in enumerate(HEADS)},
+                       also={h: [c[i]] for i, h in enumerate(HEADS)})
 
-    def outputs(item, o, e, ref):
-        if len(o) != len(ref):
-            report.add(item + " (number of heads)", math.inf, 0.0)
+    def loss(name, key, ref_terms, ref_total):
+        a, c, b, names = ours32[key], other32[key], ours64[key], list(fx["loss_term_names"])
+        if len(ref_terms) != len(a) or len(names) != len(a):
+            report.equal(f"{name}: number of terms", len(a), len(ref_terms))
             return
-        add(item, list(zip(o, e, ref)), logit_tol, abs_err)
+        report.entries(f"{name}: {len(a)} terms", {names[i]: (a[i], ref_terms[i], b[i]) for i in range(len(a))},
+                       shared_spread=True, also={names[i]: [c[i]] for i in range(len(a))})
+        report.float32(f"{name}: total", losses.total_loss(a), ref_total, losses.total_loss(b),
+                       also=(losses.total_loss(c),))
 
-    def terms(item, o, e, ref_terms, ref_total, floor=None):
-        if len(o) != len(ref_terms):
-            report.add(item + " (number of terms)", math.inf, 0.0)
-            return
-        scale = max(abs(float(ref_total)), 1e-12)  # a term's error relative to the loss it is summed into
-        add(f"{item}: {len(o)} terms (error / total)", list(zip(o, e, ref_terms)), loss_tol,
-            lambda a, b: abs(float(a) - float(b)) / scale, floor)
-        add(f"{item}: total", [(total_loss(o), total_loss(e), ref_total)], loss_tol, rel_err, floor)
-
-    report.add("loss term names and order", 0.0 if term_names(ours["out_train"]) == list(fx["loss_term_names"])
-               else math.inf, 0.0)
-    for i, label in enumerate(("net1", "net2")):
-        outputs(f"logits {label}, train-mode BN", ours["out_train"][i], ours["out_train"][i],
-                fx["outputs_train_mode"][label])
-    terms("train loss", ours["terms_train"], ours["terms_train"], fx["loss_terms_train"], fx["loss_train"])
+    report.equal("loss term names and order", losses.term_names(ours32["out_train"]), list(fx["loss_term_names"]))
     evals = fx["outputs_eval_mode"]
-    outputs("logits net1, eval-mode BN", ours["out_eval"][0], ours["out_eval"][0], evals["net1"])
-    if arch2 == "mobilenet":
-        outputs("logits net2, eval-mode BN", ours["out_eval"][1], ours["out_eval"][1], evals["net2_true_eval_mode"])
-        key = next(k for k in evals if k.startswith("net2_as_original_test_path"))
-        outputs("logits net2, released test path (train-mode BN)", ours["out_net2_released_test"],
-                ours["out_net2_released_test"], evals[key])
+    for i, label in enumerate(("net1", "net2")):
+        logits(f"logits {label}, train-mode BN", "out_train", i, fx["outputs_train_mode"][label])
+    loss("train loss", "terms_train", fx["loss_terms_train"], fx["loss_train"])
+    logits("logits net1, eval-mode BN", "out_eval", 0, evals["net1"])
+    if options.net2 == "mobilenet":
+        logits("logits net2, eval-mode BN", "out_eval", 1, evals["net2_true_eval_mode"])
+        released = next((k for k in evals if k.startswith("net2_as_original_test_path")), None)
+        if released is None:
+            raise FixtureError(f"{path.name}: outputs_eval_mode has no net2_as_original_test_path entry")
+        logits("logits net2, released test path (batch-statistics BN)", "out_released_test", None, evals[released])
     else:
-        outputs("logits net2, eval-mode BN", ours["out_eval"][1], ours["out_eval"][1], evals["net2"])
-    terms("released test-path loss", ours["terms_test"], ours["terms_test"], fx["loss_terms_test_path_init"],
-          fx["loss_test_path_init"])
+        logits("logits net2, eval-mode BN", "out_eval", 1, evals["net2"])
+    loss("released test-path loss", "terms_test", fx["loss_terms_test_path_init"], fx["loss_test_path_init"])
     after = fx["after_one_sgd_step"]
-    for label in ("net1", "net2"):
-        ref = after[f"{label}_checksums"]
-        if list(ours[f"{label}_after"]) != list(ref):
-            report.add(f"{label} after one SGD step: key layout", math.inf, 0.0)
-            continue
-        add(f"{label} params+buffers after one SGD step ({len(ref)} checksums)",
-            [(ours[f"{label}_after"][k], other[f"{label}_after"][k], ref[k]) for k in ref], ck_tol, checksum_error, floor="entry")
-    terms("loss after one step, same batch", ours["terms_after"], other["terms_after"], after["loss_terms"],
-          after["loss_train_same_batch"], floor="item")
+    weight_decay_step = options.lr * options.weight_decay  # relative change of a weight by weight decay in one step
+    for i, label in enumerate(("net1", "net2")):
+        stored = after[f"{label}_checksums"]
+        report.equal(f"{label} after one step: keys", list(ours32["after"][i]), list(stored))
+        post_step_checksums(report, f"{label} after one step: params and BN buffers ({len(stored)} checksums)",
+                            ours32["after"][i], other32["after"][i], stored, ours64["after"][i], weight_decay_step)
+    loss("loss after one step, same batch", "terms_after", after["loss_terms"], after["loss_train_same_batch"])
     return report
 
 
-def fixture_paths(args_paths):
-    if args_paths:
-        return [pathlib.Path(p) for p in args_paths]
-    if not DEFAULT_FOLDER.is_dir():
-        raise SystemExit(f"no fixture given and the shared fixtures folder {DEFAULT_FOLDER} does not exist")
-    paths = sorted(DEFAULT_FOLDER.glob("*_fixture.pt"))
-    if not paths:
-        raise SystemExit(f"no *_fixture.pt in {DEFAULT_FOLDER}")
-    return paths
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("fixtures", nargs="*", help="fixture files (default: every *_fixture.pt of the shared folder)")
-    parser.add_argument("--device", default="cpu", help="cpu (tolerances of the spec) or cuda (TF32 off, looser)")
-    parser.add_argument("--strict", action="store_true",
-                        help="nominal tolerances only, without the per-entry float32 rounding floor")
-    args = parser.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    all_ok = True
-    for path in fixture_paths(args.fixtures):
-        if not path.is_file():
-            print(f"== {path}: no such file")
-            all_ok = False
-            continue
-        report = check_fixture(path, args.device, args.strict)
-        report.print()
-        all_ok &= report.ok
-    print("ALL FIXTURES MATCH" if all_ok else "PARITY FAILED")
-    return 0 if all_ok else 1
+    return core.checker_main("dcm", check_fixture, __doc__, argv)
 
 
 if __name__ == "__main__":
