@@ -2,8 +2,10 @@
 
 Notation: A(F) = mean_c F^2 (the attention map), n(v) = v / max(||v||_2, 1e-12) per sample.
 
-Every term computes at least in float32: under bf16 autocast (--amp bf16) the networks' outputs arrive in bf16, and
-squares, norms, softmaxes and KL lose too much there. float32 (the default path) and float64 inputs pass unchanged.
+Every term computes in at least float32 (common.fast.at_least_fp32): under bf16 autocast (--amp bf16) the networks'
+outputs arrive in bf16, where squares, norms, softmaxes and KL lose too much; float32 (the default path) passes
+unchanged and float64 stays float64 (the parity checker runs everything in float64 too). The terms are formed in
+the released order of operations, so that a float32 step rounds as the authors' does.
 """
 import contextlib
 import math
@@ -11,21 +13,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def full_precision(x):
-    # autocast's bf16/fp16 outputs are upcast to float32; float32 and float64 tensors are returned as they are
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+from common.fast import at_least_fp32
 
 
 def attention(feature_map):
     # A(F) = mean over channels of F^2, shape (B, 1, H, W)
-    return full_precision(feature_map).pow(2).mean(1, keepdim=True)
+    return at_least_fp32(feature_map).pow(2).mean(1, keepdim=True)
 
 
 def normalized_distance(x, y):
     # Dist(x, y) = mean over B*N of (n(x) - n(y))^2, each sample flattened to N values
     b = x.size(0)
-    x, y = full_precision(x).reshape(b, -1), full_precision(y).reshape(b, -1)
+    x, y = at_least_fp32(x).reshape(b, -1), at_least_fp32(y).reshape(b, -1)
     return (F.normalize(x, dim=1) - F.normalize(y, dim=1)).pow(2).mean()
 
 
@@ -34,12 +33,22 @@ def attention_distance(x, y):
     return normalized_distance(attention(x), attention(y).detach())
 
 
+def kl_to_teacher(student_logits, teacher_logits, temperature):
+    # KL(softmax(z_t / T) || softmax(z_s / T)), batch mean, teacher detached
+    t = temperature
+    return F.kl_div(F.log_softmax(at_least_fp32(student_logits) / t, dim=1),
+                    F.softmax(at_least_fp32(teacher_logits.detach()) / t, dim=1), reduction="batchmean")
+
+
 def kd_kl(student_logits, teacher_logits, temperature):
     # T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), batch mean, teacher detached
-    t = temperature
-    return F.kl_div(F.log_softmax(full_precision(student_logits) / t, dim=1),
-                    F.softmax(full_precision(teacher_logits.detach()) / t, dim=1),
-                    reduction="batchmean") * t * t
+    return temperature ** 2 * kl_to_teacher(student_logits, teacher_logits, temperature)
+
+
+def dml_loss(student_logits, peer_logits, temperature):
+    # T^2 * sum_j KL(softmax(z_j / T) || softmax(z_i / T)) / (M - 1) over the M - 1 peers j, each detached
+    kl_sum = sum(kl_to_teacher(student_logits, z, temperature) for z in peer_logits)
+    return temperature ** 2 * kl_sum / len(peer_logits)
 
 
 def shifted_attention(reference_attention, normalize_target=False):
@@ -86,15 +95,24 @@ def self_distillation_loss(decoder, feature_maps, decoder_input, autocast=contex
     return sum(normalized_distance(attention(f), attention(r)) for f, r in zip(feature_maps, rebuilt))
 
 
-def decoder_training_losses(decoder, feature_maps, autocast=contextlib.nullcontext):
-    """The decoder's own losses (train-mode BN) on its network's maps: (feature, attention), where
-    feature = sum_l Dist(R_l, F^l) on raw maps and attention = sum_l Dist(A(R_l), A(F^l)), targets detached."""
+def decoder_training_losses(decoder, feature_maps, weight, autocast=contextlib.nullcontext):
+    """The decoder's own losses (train-mode BN) on its network's maps:
+    feature = sum_l WEIGHT * Dist(R_l, F^l) on raw maps, attention = sum_l WEIGHT * Dist(A(R_l), A(F^l)), targets
+    detached, weighted stage by stage as released. Returns (feature, attention, feature_raw, attention_raw); the raw
+    sums (without WEIGHT) are detached, for the log."""
     decoder.train()
     with autocast():
         rebuilt = decoder(feature_maps[-1].detach())[::-1]
-    feature = sum(normalized_distance(r, f.detach()) for f, r in zip(feature_maps, rebuilt))
-    attn = sum(normalized_distance(attention(r), attention(f).detach()) for f, r in zip(feature_maps, rebuilt))
-    return feature, attn
+    feature = attn = feature_raw = attn_raw = 0.0
+    for f, r in zip(feature_maps, rebuilt):
+        rebuilt_attention, target_attention = attention(r), attention(f.detach())
+        feature_term = normalized_distance(r, f.detach())
+        feature = feature + weight * feature_term
+        attention_term = normalized_distance(rebuilt_attention, target_attention)
+        attn = attn + weight * attention_term
+        feature_raw = feature_raw + feature_term.detach()
+        attn_raw = attn_raw + attention_term.detach()
+    return feature, attn, feature_raw, attn_raw
 
 
 def lambda_warmup(value, epoch, warmup_epochs=5):

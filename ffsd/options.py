@@ -58,7 +58,13 @@ def build_parser(dataset="cifar100"):
                    help="divide the attention-shifting target by its raw norm so it is on the scale of the "
                         "normalised attention it is compared with (released: raw scale, loss ~1e2)")
     g.add_argument("--inclusive_epochs", action="store_true",
-                   help="run epochs start_epoch..n_epochs inclusive (released: n_epochs exclusive, 299 on CIFAR)")
+                   help="run epochs start_epoch..n_epochs inclusive (released: n_epochs exclusive, 299 on CIFAR, 89 on "
+                        "ImageNet); the ImageNet lr warm-up is --imagenet_warmup's")
+    g.add_argument("--imagenet_warmup", default="released", choices=["released", "five_epochs"],
+                   help="ImageNet SGD lr warm-up: 'released' counts epochs from 1 in a rule written for epochs from 0, "
+                        "so it ramps over epochs 1-4 from about 0.2x; 'five_epochs' ramps over epochs 1-5 from 0. "
+                        "Its length is len(train set) // --train_batch_size iterations per epoch (released: // 256, "
+                        "the batch its trainer forced)")
     g.add_argument("--fast_forward_schedulers", action="store_true",
                    help="with --start_epoch > 1, step the schedulers to that epoch (released: they start at lr)")
     g.add_argument("--save_epoch_checkpoints", action="store_true",
@@ -83,6 +89,11 @@ def parse(argv=None, dataset="cifar100"):
         parser.error(f"--temperature must be positive; got {args.temperature}")
     if args.start_epoch < 1:
         parser.error(f"--start_epoch must be >= 1; got {args.start_epoch}")
+    if dataset != "imagenet" and args.imagenet_warmup != "released":
+        parser.error(f"--imagenet_warmup applies to imagenet.py only (CIFAR has no lr warm-up); got "
+                     f"--imagenet_warmup {args.imagenet_warmup} for {dataset}")
+    if args.train_batch_size < 1 or args.test_batch_size < 1:
+        parser.error("--train_batch_size and --test_batch_size must be positive")
     if args.device is None:
         import torch
         gpu = [int(i) for i in str(args.gpu_ids).split(",") if int(i) >= 0]

@@ -1,264 +1,293 @@
-"""Check this implementation against the reference fixtures computed with the authors' code.
+"""Check this implementation against fixtures computed with the authors' code (SCHEMA.md, section 2).
 
-    python -m ffsd.parity [FIXTURE.pt ...]     (default: every *_fixture.pt in <repo>/../shared/fixtures/ffsd)
+    python -m ffsd.parity [FIXTURE.pt ...] [--fixtures-root DIR] [--no-regeneration]
 
-For each fixture: load its initial weights into our networks, then compare the eval-mode logits, the train-mode
-forward outputs and features, every loss term at every stored epoch, the values the released training step logged,
-and the (sum, sum of squares) of every tensor after one real optimisation step. Prints the largest error per item;
-exits 0 only when every item is within tolerance. Also reports whether seeded construction regenerates the
-fixture's initial weights (when the fixture says how they were made).
+The configuration comes from the fixture: `meta.config` (model, init seed, epochs, float16 weights; the schema's
+defaults when absent) and the number of students from the stored networks. Everything the fixture holds is computed
+twice with this repository's own code, from the fixture's initial weights (float16 ones upcast exactly): in float32,
+as the reference was, and in float64 (networks, weights, input and every loss term). common.parity then derives each
+float32 item's tolerance from the measured float32-vs-float64 spread and prints error, tolerance and spread per item.
 
-    python -m ffsd.parity --noise-floor
-
-also reruns the one-step check with channels_last memory format and in float64, and prints how far those moves the
-post-step checksums from our default float32 run (the same metric as the tolerance): the float32 noise floor.
+Items, per fixture:
+    init_state networks and keys  the stored networks and state-dict keys are ours (else nothing more is checked)
+    init regeneration       the scripts' seeded construction (build_networks) against init_state, or against
+                            init_state_exact_checksums for a float16-rounded fixture; random draws have no float64
+                            counterpart, so the tolerance is the rule's floor
+    outputs_eval_mode_init  eval-mode logits of every network
+    outputs_train_mode      the first forward of the training step: logits, feature maps, fused map, TransFusion
+                            output, diversity target
+  per stored epoch E (a step that raises is the failure `train_step epoch E`):
+    losses_epochE_*         every loss term of the step; `... hyperparameters` checks the warmed-up lambdas and T
+                            in float64
+    real_step_capture_epochE  what the released step logged (and `... accuracies`, its train top-1 values)
+    post_step_checksums_epochE  (sum, sum of squares) of every state tensor after one step made by the scripts' own
+                            code: their optimizers (training.build_optimizers), schedulers (training.build_schedulers,
+                            as the script builds them for --start_epoch E) and step function (training.train_step)
+    float64 ...             a fixture's `float64_reference`, if any: the keys above recomputed in float64, checked
+                            in float64 (common.parity.F64)
 """
-import argparse
-import glob
-import math
-import os
 import re
-import sys
 
 import torch
 
+from common.parity import F64, FixtureError, Report, as_dtype, checker_main, checksum_vectors, load_fixture
+
+from ffsd import training
 from ffsd.losses import attention, diversity_target
-from ffsd.training import build_networks, build_optimizers, predict, prepare_networks, train_step, \
-    warmed_up_lambdas
+from ffsd.models import CIFAR_MODELS, IMAGENET_MODELS
+from ffsd.options import parse
 
-DEFAULT_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                              "fixtures", "ffsd")
 DEFAULT_CONFIG = {"model": "resnet20", "init_seed": 0, "batch_seed": 1, "epochs": [6, 1], "weights_fp16_rounded": False}
-TOLERANCE = 1e-5  # float32, relative
-# Post-step (sum, sum of squares): the sum is compared relative to sum |x|, which for BN biases (zero at init) is
-# the size of the one-step update itself. Those updates carry float32 rounding of order 1e-4..1e-3 in the
-# reference: the same quantities computed by the reference's own float32 ops differ from a float64 run by up to
-# 7.6e-4 (student 1, diversity gradient), so a tighter bound would test the rounding, not the algorithm.
-# Measured floor (--noise-floor): channels_last moves these by up to 2.5e-3, float64 by 7e-4; we are within 4.9e-4.
-CHECKSUM_TOLERANCE = 1e-3
 EPOCH_KEY = re.compile(r"losses_epoch(\d+)_(full_lambdas|warmup)$")
-# fixture loss names (after dropping the " (...)" explanation) -> ours
+HYPERPARAMETERS = ("lambda_diversity", "lambda_fusion", "lambda_self_distillation", "temperature")
 LOSS_NAMES = {"fusion/kl_to_student_mean_logits": "fusion/kl", "leader/kl_to_fusion": "leader/kl"}
-CAPTURE_NAMES = {"sd_decoder_": "sd_"}
+CAPTURED_ACCURACIES = {"fusion/acc": "fusion/top1", "leader/acc": "leader/top1", "average_acc": "average/top1",
+                       "ensemble(oracle)_acc": "ensemble_oracle/top1"}
 
 
-def tensor_error(ours, ref):
-    """Largest absolute difference relative to the reference's largest magnitude."""
-    ours, ref = ours.double(), ref.double()
-    if ours.shape != ref.shape:
-        return math.inf
-    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
-def scalar_error(ours, ref):
-    ours, ref = float(ours), float(ref)
-    return abs(ours - ref) / max(abs(ref), 1e-12) if ref != 0 else abs(ours)
-
-
-def checksum_error(tensor, ref):
-    """(sum, sum of squares) in float64: the sum relative to sum |x|, the sum of squares relative to itself."""
-    x = tensor.detach().double()
-    s, sq = x.sum().item(), x.pow(2).sum().item()
-    return max(abs(s - ref[0]) / max(x.abs().sum().item(), 1e-12), abs(sq - ref[1]) / max(abs(ref[1]), 1e-12))
-
-
-class Report:
-    def __init__(self):
-        self.items = []  # (name, worst error, worst key, tolerance)
-
-    def add(self, name, errors, tolerance=TOLERANCE):
-        key, err = max(errors.items(), key=lambda kv: kv[1]) if errors else ("-", 0.0)
-        self.items.append((name, err, key, tolerance))
-
-    def print(self):
-        for name, err, key, tol in self.items:
-            status = "ok  " if err <= tol else "FAIL"
-            print(f"  {status} {name:<40s} max err {err:.2e} (tol {tol:.0e})  at {key}")
-
-    @property
-    def ok(self):
-        return all(err <= tol for _, err, _, tol in self.items)
-
-
+# ------------------------------------------------------------------------------------------ configuration ----
 def fixture_config(fixture):
     config = dict(DEFAULT_CONFIG)
-    config.update(fixture.get("meta", {}).get("config", {}) or {})
+    config.update((fixture.get("meta") or {}).get("config") or {})
+    if config["model"] not in CIFAR_MODELS:
+        kind = "an ImageNet model (the FFSD fixture schema is CIFAR-100)" if config["model"] in IMAGENET_MODELS \
+            else "not a model of the scripts"
+        raise FixtureError(f"meta.config.model {config['model']!r} is {kind}; CIFAR models: {', '.join(CIFAR_MODELS)}")
     return config
 
 
-def load_initial_state(nets, init_state):
-    named = nets.named_networks()
-    missing = sorted(set(init_state) - set(named)) + sorted(set(named) - set(init_state))
-    if missing:
-        raise ValueError(f"fixture networks {sorted(init_state)} do not match ours {sorted(named)}")
-    for name, state in init_state.items():
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # float16 -> float32
-        named[name].load_state_dict(state)
+def model_num_of(init_state):
+    """M from the stored networks: student0 .. student<M-1>."""
+    students = sorted(int(m.group(1)) for m in (re.fullmatch(r"student(\d+)", name) for name in init_state) if m)
+    if students != list(range(len(students))) or len(students) < 2:
+        raise FixtureError(f"init_state holds students {students}; the scripts train student0 .. student<M-1>, M >= 2")
+    return len(students)
 
 
-def fresh_networks(config, model_num, init_state):
-    nets = build_networks(config["model"], "cifar100", model_num)
-    load_initial_state(nets, init_state)
+def script_args(config, model_num, epoch):
+    """The training script's options for this fixture: its defaults, the fixture's --model and --model_num, and
+    --start_epoch EPOCH (a trainer that starts at EPOCH: lambda warm-up of EPOCH, schedulers as built)."""
+    return parse(["--model", config["model"], "--model_num", str(model_num), "--start_epoch", str(epoch),
+                  "--device", "cpu"], "cifar100")
+
+
+def networks(fixture, config, model_num, dtype):
+    """The scripts' networks, seeded as the script builds them (so a dropout layer would draw from the RNG state the
+    released trainer had), holding the fixture's initial weights in DTYPE."""
+    torch.manual_seed(config["init_seed"])
+    nets = training.build_networks(config["model"], "cifar100", model_num).to(dtype)
+    for name, net in nets.named_networks().items():
+        net.load_state_dict(as_dtype(fixture["init_state"][name], dtype))
     return nets
 
 
-def check_regeneration(config, model_num, fixture, report):
-    """Seeded construction against the fixture's initial weights (exact ones when the stored ones are rounded)."""
-    torch.manual_seed(config["init_seed"])
-    nets = build_networks(config["model"], "cifar100", model_num)
-    errors = {}
-    exact = fixture.get("init_state_exact_checksums")
-    for name, net in nets.named_networks().items():
-        for key, value in net.state_dict().items():
-            if exact is not None:
-                errors[f"{name}.{key}"] = checksum_error(value, exact[f"{name}.{key}"])
-            else:
-                errors[f"{name}.{key}"] = tensor_error(value, fixture["init_state"][name][key].float())
-    report.add(f"init regeneration (seed {config['init_seed']})", errors)
+def state_of_networks(named):
+    """{'<network>.<key>': tensor} over the networks' state dicts (the fixtures' checksum keys)."""
+    return {f"{name}.{k}": v for name, net in named.items() for k, v in net.state_dict().items()}
 
 
-def post_step_state(config, model_num, init_state, inputs, labels, epoch, variant="float32"):
-    """Every state tensor after one step from the fixture's initial weights: 'float32' (our default path),
-    'channels_last' (same math, other memory format, so other summation orders) or 'float64'."""
-    nets = fresh_networks(config, model_num, init_state)
-    forward = nets
-    if variant == "float64":
-        nets.double()
-        inputs = inputs.double()
-    elif variant == "channels_last":
-        forward = prepare_networks(nets, argparse.Namespace(channels_last=True))
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    nets.train()
-    lambdas = warmed_up_lambdas({"diversity": 1e-5, "fusion": 10.0, "self_distillation": 1000.0}, epoch)
-    train_step(nets, build_optimizers(nets), inputs, labels, lambdas, forward=forward)
-    return {f"{name}.{k}": v for name, net in nets.named_networks().items() for k, v in net.state_dict().items()}
-
-
-def noise_floor(path):
-    """Post-step checksum spread of channels_last and float64 runs against our float32 run, and of the reference."""
-    fixture = torch.load(path, map_location="cpu", weights_only=False)
-    config, init_state = fixture_config(fixture), fixture["init_state"]
-    model_num = sum(1 for name in init_state if re.fullmatch(r"student\d+", name))
-    inputs, labels = fixture["inputs"].float(), fixture["labels"]
-    for key in sorted(k for k in fixture if k.startswith("post_step_checksums_epoch")):
-        epoch = int(key.removeprefix("post_step_checksums_epoch"))
-        ours = post_step_state(config, model_num, init_state, inputs, labels, epoch)
-        ours_sums = {k: (v.double().sum().item(), v.double().pow(2).sum().item()) for k, v in ours.items()}
-        spread = {"reference": {k: checksum_error(ours[k], ref) for k, ref in fixture[key].items()}}
-        for variant in ("channels_last", "float64"):
-            other = post_step_state(config, model_num, init_state, inputs, labels, epoch, variant)
-            spread[variant] = {k: checksum_error(other[k], ours_sums[k]) for k in ours}
-        print(f"  noise floor, epoch {epoch} (post-step checksums against our float32 run, tol "
-              f"{CHECKSUM_TOLERANCE:.0e}):")
-        for variant, errors in spread.items():
-            worst = max(errors, key=errors.get)
-            print(f"    {variant:<14s} max {errors[worst]:.2e}  at {worst}")
-
-
-def check_fixture(path, regeneration=True):
-    fixture = torch.load(path, map_location="cpu", weights_only=False)
-    config = fixture_config(fixture)
-    init_state = fixture["init_state"]
-    model_num = sum(1 for name in init_state if re.fullmatch(r"student\d+", name))
-    inputs, labels = fixture["inputs"].float(), fixture["labels"]
-    report = Report()
-    print(f"{path}: {config['model']}, model_num {model_num}, fp16 weights {config['weights_fp16_rounded']}")
-    if regeneration:
-        check_regeneration(config, model_num, fixture, report)
-
-    nets = fresh_networks(config, model_num, init_state)
+# -------------------------------------------------------------------------------------------- computation ----
+def eval_logits(fixture, config, model_num, dtype):
+    nets = networks(fixture, config, model_num, dtype)
     nets.eval()
-    logits = predict(nets, inputs)
-    report.add("outputs_eval_mode_init", {
-        key: tensor_error(logits[key.removesuffix("_logits")], ref)
-        for key, ref in fixture["outputs_eval_mode_init"].items()})
+    return {f"{name}_logits": z for name, z in training.predict(nets, fixture["inputs"].to(dtype)).items()}
 
-    epochs = sorted({int(m.group(1)) for k in fixture for m in [EPOCH_KEY.match(k)] if m}, reverse=True)
-    for epoch in epochs:
-        nets = fresh_networks(config, model_num, init_state)
-        nets.train()
-        optimizers = build_optimizers(nets)
-        losses_key = next(k for k in fixture if EPOCH_KEY.match(k) and int(EPOCH_KEY.match(k).group(1)) == epoch)
-        ref_losses = fixture[losses_key]
-        opt_lambdas = {"diversity": 1e-5, "fusion": 10.0, "self_distillation": 1000.0}
-        lambdas = warmed_up_lambdas(opt_lambdas, epoch)
-        temperature = ref_losses.get("temperature", 2)
-        terms, out = train_step(nets, optimizers, inputs, labels, lambdas, temperature)
 
-        ours = {
-            "student0_logits": out["student_logits"][0], "student1_logits": out["student_logits"][1],
-            "leader_logits": out["leader_logits"], "fusion_logits": out["fusion_logits"],
-            "leader_trans_fusion_output_attention (mean_c x^2)": attention(out["trans_fusion"]),
-            "leader_trans_fusion_output[:2]": out["trans_fusion"][:2],
-            "student0_last_feature_map": out["student_maps"][0][-1],
-            "student1_last_feature_map": out["student_maps"][1][-1],
-            "leader_last_feature_map": out["leader_maps"][-1], "fused_feature_map(relu1_1)": out["fused"],
-            "diversity_target(student0_last_map)": diversity_target(out["student_maps"][0][-1]),
-        }
-        report.add(f"outputs_train_mode (epoch {epoch} step)",
-                   {k: tensor_error(ours[k], ref) for k, ref in fixture["outputs_train_mode"].items()})
+def one_step(fixture, config, model_num, epoch, dtype):
+    """One training iteration at EPOCH through the script's own code. Returns {terms, outputs, accuracies, state,
+    hyperparameters}, every value in DTYPE."""
+    nets = networks(fixture, config, model_num, dtype)
+    args = script_args(config, model_num, epoch)
+    optimizers = training.build_optimizers(nets, args.lr, args.momentum, args.weight_decay)
+    training.build_schedulers(optimizers, args, "cifar100")
+    lambdas = training.epoch_lambdas(args, epoch)
+    nets.train()
+    labels = fixture["labels"]
+    terms, out = training.train_step(nets, optimizers, fixture["inputs"].to(dtype), labels, lambdas, args.temperature,
+                                     args.follower_sd_weight, args.normalized_diversity_target)
+    outputs = {f"student{i}_logits": z for i, z in enumerate(out["student_logits"])}
+    outputs.update({"leader_logits": out["leader_logits"], "fusion_logits": out["fusion_logits"],
+                    "leader_trans_fusion_output_attention (mean_c x^2)": attention(out["trans_fusion"]),
+                    "leader_trans_fusion_output[:2]": out["trans_fusion"][:2],
+                    "leader_last_feature_map": out["leader_maps"][-1], "fused_feature_map(relu1_1)": out["fused"],
+                    "diversity_target(student0_last_map)": diversity_target(out["student_maps"][0][-1])})
+    outputs.update({f"student{i}_last_feature_map": maps[-1] for i, maps in enumerate(out["student_maps"])})
+    logits = {f"student{i}": z for i, z in enumerate(out["student_logits"])}
+    logits.update(fusion=out["fusion_logits"], leader=out["leader_logits"])
+    hyper = {f"lambda_{k}": v for k, v in lambdas.items()}
+    hyper["temperature"] = args.temperature
+    return {"terms": terms, "outputs": outputs, "accuracies": training.batch_accuracies(logits, labels),
+            "state": state_of_networks(nets.named_networks()), "hyperparameters": hyper}
 
-        our_losses = dict(terms, **{f"lambda_{k}": v for k, v in lambdas.items()}, temperature=temperature)
-        errors = {}
-        for key, ref in ref_losses.items():
-            name = key.split(" (")[0]
-            name = LOSS_NAMES.get(name, name).replace("sd_decoder_", "sd_")
-            errors[key] = scalar_error(our_losses[name], ref) if name in our_losses else math.inf
-        report.add(losses_key, errors)
 
-        capture_key = f"real_step_capture_epoch{epoch}"
-        if capture_key in fixture:
-            captured = dict(terms)
-            correct = [z.argmax(1).eq(labels) for z in out["student_logits"]]
-            for i, c in enumerate(correct):
-                captured[f"student{i}/acc"] = 100.0 * c.float().mean()
-            captured["fusion/acc"] = 100.0 * out["fusion_logits"].argmax(1).eq(labels).float().mean()
-            captured["leader/acc"] = 100.0 * out["leader_logits"].argmax(1).eq(labels).float().mean()
-            captured["average_acc"] = sum(captured[f"student{i}/acc"] for i in range(model_num)) / model_num
-            captured["ensemble(oracle)_acc"] = 100.0 * torch.stack(correct).any(0).float().mean()
-            errors = {}
-            for key, ref in fixture[capture_key].items():
-                name = key.replace("sd_decoder_", "sd_")
-                if name not in captured and re.fullmatch(r"student0/(diversity|self_distillation)", name):
-                    value = 0.0  # student 0 has no such term; the released code logged 0
-                else:
-                    value = captured.get(name, math.inf)
-                errors[key] = scalar_error(value, ref)
-            report.add(capture_key, errors)
+def loss_name(key):
+    """A fixture loss key -> our term name ('leader/kl_to_fusion (T^2*KL)' -> 'leader/kl')."""
+    name = key.split(" (")[0]
+    return LOSS_NAMES.get(name, name).replace("sd_decoder_", "sd_")
 
-        checksum_key = f"post_step_checksums_epoch{epoch}"
-        if checksum_key in fixture:
-            state = {f"{name}.{k}": v for name, net in nets.named_networks().items() for k, v in
-                     net.state_dict().items()}
-            errors = {key: checksum_error(state[key], ref) if key in state else math.inf
-                      for key, ref in fixture[checksum_key].items()}
-            errors.update({key: math.inf for key in state if key not in fixture[checksum_key]})
-            report.add(checksum_key, errors, CHECKSUM_TOLERANCE)
-    report.print()
-    return report.ok
+
+def captured_value(step, key):
+    """Our value for a key of real_step_capture_epoch<E> (what the released step fed to its meters)."""
+    name = key.replace("sd_decoder_", "sd_")
+    if name in CAPTURED_ACCURACIES or name.endswith("/acc"):
+        return step["accuracies"].get(CAPTURED_ACCURACIES.get(name, name.replace("/acc", "/top1")))
+    if re.fullmatch(r"student0/(diversity|self_distillation)", name):
+        return 0.0  # student 0 has no such term; the released code logged 0
+    return step["terms"].get(name)
+
+
+def is_accuracy(key):
+    return key.endswith("acc")
+
+
+# --------------------------------------------------------------------------------------------------- items ----
+def check_regeneration(report, fixture, config, seeded):
+    """The scripts' seeded construction SEEDED (a state) against the stored initial weights, or against their
+    un-rounded checksums when the stored ones are float16-rounded. Random draws have no float64 counterpart: ours64
+    is our float32 draw itself, so the tolerance is the rule's floor."""
+    name = f"init regeneration (seed {config['init_seed']})"
+    exact = fixture.get("init_state_exact_checksums")
+    if exact is not None:
+        report.checksums(name + ", un-rounded checksums", seeded, exact, {k: v.double() for k, v in seeded.items()})
+        return
+    if config["weights_fp16_rounded"]:
+        seeded = {k: v.half() if v.is_floating_point() else v for k, v in seeded.items()}
+    stored = {f"{net}.{k}": v for net, state in fixture["init_state"].items() for k, v in state.items()}
+    report.entries(name, {k: (seeded[k], stored[k], seeded[k]) for k in stored})
+
+
+def check_values(report, name, ref, ours32, ours64, **rule):
+    """REF {key: tensor or number} against our {key: value} (None where we produce none)."""
+    missing = [k for k in ref if ours32.get(k) is None or ours64.get(k) is None]
+    if missing:
+        report.exact(name, False, f"{len(missing)} stored values not produced, e.g. {missing[:3]}")
+        return
+    report.entries(name, {k: (ours32[k], ref[k], ours64[k]) for k in ref}, **rule)
+
+
+def check_step(report, fixture, epoch, losses_key, step32, step64):
+    ref = fixture[losses_key]
+    losses = [k for k in ref if k not in HYPERPARAMETERS]
+    check_values(report, losses_key, {k: ref[k] for k in losses},
+                 *({k: step["terms"].get(loss_name(k)) for k in losses} for step in (step32, step64)),
+                 shared_spread=True)
+    hyper = [k for k in HYPERPARAMETERS if k in ref]
+    report.float64(f"losses_epoch{epoch} hyperparameters", [step64["hyperparameters"][k] for k in hyper],
+                   [ref[k] for k in hyper], F64["loss"])
+
+    capture = fixture.get(f"real_step_capture_epoch{epoch}")
+    if capture is not None:
+        terms = [k for k in capture if not is_accuracy(k)]
+        check_values(report, f"real_step_capture_epoch{epoch}", {k: capture[k] for k in terms},
+                     *({k: captured_value(step, k) for k in terms} for step in (step32, step64)), shared_spread=True)
+        accuracies = [k for k in capture if is_accuracy(k)]  # percent of the batch: compared on the 0..100 scale
+        check_values(report, f"real_step_capture_epoch{epoch} accuracies", {k: capture[k] for k in accuracies},
+                     *({k: captured_value(step, k) for k in accuracies} for step in (step32, step64)), scale=100.0)
+
+    checksums = fixture.get(f"post_step_checksums_epoch{epoch}")
+    if checksums is not None:
+        name = f"post_step_checksums_epoch{epoch}"
+        report.equal(name + " keys", sorted(step32["state"]), sorted(checksums))
+        report.checksums(name, step32["state"], checksums, step64["state"])
+
+
+def float64_values(key, eval64, step):
+    """Our float64 values for one `float64_reference` entry, by the entry's key; None for a key of no known form."""
+    if key == "outputs_eval_mode_init":
+        return eval64
+    if step is None:
+        return None
+    if key == "outputs_train_mode":
+        return step["outputs"]
+    if key.startswith("post_step_checksums_epoch"):
+        return step["state"]
+    if EPOCH_KEY.match(key):
+        return dict(step["hyperparameters"], **{k: v for k, v in step["terms"].items()})
+    return None
+
+
+def check_float64_reference(report, fixture, eval64, steps64):
+    """`float64_reference` (where a fixture has one): any of outputs_eval_mode_init, outputs_train_mode,
+    losses_epoch<E>_*, post_step_checksums_epoch<E>, in the float32 keys' forms, computed with networks, weights and
+    input in float64; checked against our float64 run with common.parity's F64 tolerances, each value relative to
+    its reference's largest magnitude (checksum fields: to our own tensor's size, as common.parity normalises them)."""
+    for key, ref in (fixture.get("float64_reference") or {}).items():
+        if key == "note":
+            continue
+        name = f"float64 {key}"
+        epoch = re.search(r"epoch(\d+)", key)
+        step = steps64.get(int(epoch.group(1))) if epoch else next(iter(steps64.values()), None)
+        ours = float64_values(key, eval64, step)
+        if ours is None:
+            report.exact(name, False, "not a key of a form this checker reads, or its step did not run")
+            continue
+        checksums, losses = key.startswith("post_step_checksums_epoch"), EPOCH_KEY.match(key)
+        values = {k: ours.get(loss_name(k) if losses and k not in HYPERPARAMETERS else k) for k in ref}
+        missing = [k for k, v in values.items() if v is None]
+        if missing:
+            report.exact(name, False, f"{len(missing)} stored values not produced, e.g. {missing[:3]}")
+            continue
+        ours_n, ref_n = [], []
+        for k, r in ref.items():
+            if checksums:
+                _, o, r = checksum_vectors(values[k], values[k], r)
+            else:
+                o, r = (torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in (values[k], r))
+                scale = max(float(r.abs().max()) if r.numel() else 0.0, 1e-300)
+                o, r = o / scale, r / scale
+            ours_n.append(o)
+            ref_n.append(r)
+        report.float64(name, ours_n, ref_n, F64["loss"] if losses else F64["output"], scale=1.0)
+
+
+def check_fixture(path, args=None):
+    fixture = load_fixture(path)
+    missing = [k for k in ("inputs", "labels", "init_state", "outputs_eval_mode_init", "outputs_train_mode")
+               if k not in fixture]
+    if missing:
+        raise FixtureError(f"{path} lacks {missing} (see SCHEMA.md, FFSD)")
+    config = fixture_config(fixture)
+    model_num = model_num_of(fixture["init_state"])
+    epochs = sorted(((int(m.group(1)), k) for k in fixture for m in [EPOCH_KEY.match(k)] if m), reverse=True)
+    report = Report(f"{getattr(path, 'name', path)}: {config['model']}, M = {model_num}, init seed "
+                    f"{config['init_seed']}, epochs {[e for e, _ in epochs]}, float16 weights "
+                    f"{bool(config['weights_fp16_rounded'])}")
+    torch.manual_seed(config["init_seed"])
+    seeded = training.build_networks(config["model"], "cifar100", model_num).named_networks()
+    layout = {name: list(net.state_dict()) for name, net in seeded.items()}
+    report.equal("init_state networks and keys", {name: list(s) for name, s in fixture["init_state"].items()}, layout)
+    if not report.ok:
+        return report
+    if not getattr(args, "no_regeneration", False):
+        check_regeneration(report, fixture, config, state_of_networks(seeded))
+
+    eval32, eval64 = (eval_logits(fixture, config, model_num, dtype) for dtype in (torch.float32, torch.float64))
+    check_values(report, "outputs_eval_mode_init", fixture["outputs_eval_mode_init"], eval32, eval64)
+    steps64 = {}
+    for epoch, losses_key in epochs:
+        try:
+            step32, step64 = (one_step(fixture, config, model_num, epoch, dtype)
+                              for dtype in (torch.float32, torch.float64))
+        except RuntimeError as e:  # a step that cannot run (e.g. a gradient sent into a freed graph) fails
+            report.exact(f"train_step epoch {epoch}", False, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            continue
+        if not steps64:  # the step's first forward does not depend on the epoch
+            check_values(report, "outputs_train_mode", fixture["outputs_train_mode"], step32["outputs"],
+                         step64["outputs"])
+        steps64[epoch] = step64
+        check_step(report, fixture, epoch, losses_key, step32, step64)
+    check_float64_reference(report, fixture, eval64, steps64)
+    return report
+
+
+def add_arguments(parser):
+    parser.add_argument("--no-regeneration", action="store_true",
+                        help="skip the check that seeded construction regenerates the initial weights")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("fixtures", nargs="*", help="fixture files (default: every *_fixture.pt of the shared folder)")
-    parser.add_argument("--no-regeneration", action="store_true",
-                        help="skip the seeded-construction check of the initial weights")
-    parser.add_argument("--noise-floor", action="store_true",
-                        help="also measure how much channels_last and float64 move the post-step checksums")
-    args = parser.parse_args(argv)
-    paths = args.fixtures or sorted(glob.glob(os.path.join(DEFAULT_FOLDER, "*_fixture.pt")))
-    if not paths:
-        print(f"no fixtures given and none found in {os.path.normpath(DEFAULT_FOLDER)}", file=sys.stderr)
-        return 2
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
-    ok = True
-    for path in paths:
-        ok = check_fixture(path, regeneration=not args.no_regeneration) and ok
-        if args.noise_floor:
-            noise_floor(path)
-    print("parity: all items match" if ok else "parity: MISMATCH")
-    return 0 if ok else 1
+    return checker_main("ffsd", check_fixture, __doc__, argv, add_arguments)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

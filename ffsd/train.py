@@ -24,10 +24,8 @@ from common.distributed import all_reduce_sum, barrier, cleanup, init_distribute
 from common.logging import FiniteGuard, RunLogger
 
 from ffsd.options import build_parser, config_text, parse
-from ffsd.training import FFSDNetworks, TermMeters, batch_accuracies, build_networks, build_optimizers, evaluate, \
-    prepare_networks, train_step, warmed_up_lambdas
-
-IMAGENET_GLOBAL_BATCH = 256
+from ffsd.training import FFSDNetworks, TermMeters, batch_accuracies, build_networks, build_optimizers, \
+    build_schedulers, epoch_lambdas, evaluate, imagenet_lr, prepare_networks, set_sgd_lr, train_step
 
 
 def authors_logger(run_dir, enabled):
@@ -41,17 +39,6 @@ def authors_logger(run_dir, enabled):
             handler.setFormatter(fmt)
             logger.addHandler(handler)
     return logger
-
-
-def imagenet_lr(base_lr, epoch, step, len_epoch, fix_off_by_one=False):
-    """Released ImageNet rule, set before every iteration: 0.1^(floor(e/30) + [e >= 80]), times a linear warm-up
-    (1 + s + e * len_epoch) / (5 * len_epoch) while e < 5. Epochs start at 1, so the warm-up starts near 0.2x
-    (fix_off_by_one counts from epoch 0 instead)."""
-    e = epoch - 1 if fix_off_by_one else epoch
-    lr = base_lr * 0.1 ** (epoch // 30 + int(epoch >= 80))
-    if e < 5:
-        lr *= (1 + step + e * len_epoch) / (5 * len_epoch)
-    return lr
 
 
 def train_line(epoch, seen, total, seconds, avg, model_num):
@@ -132,13 +119,7 @@ def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
     fast_nets = prepare_networks(nets, args)  # channels_last / compiled; nets keeps the plain modules to save
     amp = lambda: autocast(args, device)  # noqa: E731
     optimizers = build_optimizers(nets, args.lr, args.momentum, args.weight_decay)
-    scheduled = optimizers if dataset == "cifar100" else {k: o for k, o in optimizers.items() if k.startswith("sd_")}
-    if args.lr_policy == "step":
-        schedulers = {k: torch.optim.lr_scheduler.MultiStepLR(o, args.lr_decay_iters, args.lr_decay_gamma)
-                      for k, o in scheduled.items()}
-    else:
-        schedulers = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=args.n_epochs, eta_min=0)
-                      for k, o in scheduled.items()}
+    schedulers = build_schedulers(optimizers, args, dataset)
     wrap = lambda m: wrap_ddp(m, ctx)  # noqa: E731
     forward = fast_nets if not ctx.distributed else FFSDNetworks(
         [wrap(s) for s in fast_nets.students], wrap(fast_nets.leader), wrap(fast_nets.fusion_module),
@@ -161,10 +142,6 @@ def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
         start_epoch = ckpt["epoch"] + (0 if epoch_resume else 1)
         logger.truncate_after(ckpt["epoch"] if not epoch_resume else ckpt["epoch"] - 1)
         log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
-    elif args.fast_forward_schedulers:
-        for _ in range(start_epoch - 1):
-            for s in schedulers.values():
-                s.step()
 
     def save(epoch, epoch_state=None):
         """Full state after EPOCH (or inside it, with epoch_state)."""
@@ -183,15 +160,17 @@ def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
 
     guard = FiniteGuard()
     end_epoch = args.n_epochs + 1 if args.inclusive_epochs else args.n_epochs
-    opt_lambdas = {"diversity": args.lambda_diversity, "fusion": args.lambda_fusion,
-                   "self_distillation": args.lambda_self_distillation}
-    len_epoch = len(train_set) // IMAGENET_GLOBAL_BATCH
+    # ImageNet warm-up: iterations per epoch at the global batch (released: len(train) // 256, its forced batch)
+    iterations_per_epoch = len(train_set) // args.train_batch_size
+    if dataset == "imagenet" and iterations_per_epoch < 1:
+        raise SystemExit(f"--train_batch_size {args.train_batch_size} exceeds the {len(train_set)} training images: "
+                         f"the ImageNet lr warm-up needs at least one iteration per epoch")
     print_every = args.print_every or max(1, len(train_set) // args.train_batch_size // 10)
     steps_total = len(train_loader) if not args.steps_per_epoch else min(args.steps_per_epoch, len(train_loader))
     step_global = 0
     test = {}
     for epoch in range(start_epoch, end_epoch):
-        lambdas = warmed_up_lambdas(opt_lambdas, epoch)
+        lambdas = epoch_lambdas(args, epoch)
         nets.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -212,11 +191,7 @@ def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if dataset == "imagenet":
-                lr = imagenet_lr(args.lr, epoch, step, max(len_epoch, 1), args.inclusive_epochs)
-                for k, o in optimizers.items():
-                    if not k.startswith("sd_"):
-                        for group in o.param_groups:
-                            group["lr"] = lr
+                set_sgd_lr(optimizers, imagenet_lr(args.lr, epoch, step, iterations_per_epoch, args.imagenet_warmup))
             terms, out = train_step(forward, optimizers, x, y, lambdas, args.temperature, args.follower_sd_weight,
                                     args.normalized_diversity_target, autocast=amp)
             logits = {f"student{i}": z for i, z in enumerate(out["student_logits"])}

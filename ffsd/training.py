@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.fast import prepare_model
+from common.fast import at_least_fp32, prepare_model
 
-from ffsd.losses import attention_distance, decoder_training_losses, diversity_loss, diversity_target, \
-    full_precision, kd_kl, lambda_warmup, self_distillation_loss
+from ffsd.losses import attention_distance, decoder_training_losses, diversity_loss, diversity_target, dml_loss, \
+    kd_kl, lambda_warmup, self_distillation_loss
 from ffsd.models import create_decoder, create_fusion_module, create_model
 
 
@@ -73,9 +73,13 @@ def prepare_networks(nets, args):
                         [prepare(d) for d in nets.sd_students], prepare(nets.sd_leader))
 
 
-def build_optimizers(nets, lr=0.1, momentum=0.9, weight_decay=1e-4, fusion_weight_decay=1e-5):
-    """Nesterov SGD for students, leader (wd 1e-4) and fusion module (wd 1e-5, hard-coded as released); Adam with
-    its default lr 1e-3 and coupled L2 weight decay for the decoders. No parameter groups: BN and biases decay."""
+FUSION_WEIGHT_DECAY = 1e-5  # the fusion module's SGD weight decay, hard-coded in the released trainers
+
+
+def build_optimizers(nets, lr=0.1, momentum=0.9, weight_decay=1e-4):
+    """The scripts' six optimizers (M = 2), by network name: Nesterov SGD for the students and the leader (weight decay
+    WEIGHT_DECAY) and for the fusion module (FUSION_WEIGHT_DECAY); Adam with its default lr 1e-3 and coupled L2 weight
+    decay WEIGHT_DECAY for the decoders. One parameter group each: BN weights and biases decay too, as released."""
     def sgd(module, wd):
         return torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=wd, nesterov=True)
 
@@ -84,14 +88,58 @@ def build_optimizers(nets, lr=0.1, momentum=0.9, weight_decay=1e-4, fusion_weigh
 
     optimizers = {f"student{i}": sgd(s, weight_decay) for i, s in enumerate(nets.students)}
     optimizers.update({f"sd_student{i + 1}": adam(d) for i, d in enumerate(nets.sd_students)})
-    optimizers.update({"sd_leader": adam(nets.sd_leader), "fusion_module": sgd(nets.fusion_module, fusion_weight_decay),
+    optimizers.update({"sd_leader": adam(nets.sd_leader), "fusion_module": sgd(nets.fusion_module, FUSION_WEIGHT_DECAY),
                        "leader": sgd(nets.leader, weight_decay)})
     return optimizers
+
+
+def build_schedulers(optimizers, args, dataset="cifar100"):
+    """The scripts' per-epoch schedulers (stepped after each epoch's test): on CIFAR every optimizer, on ImageNet only
+    the decoders' Adams (the SGD lr is set every iteration, imagenet_lr). --lr_policy step: MultiStepLR(lr_decay_iters,
+    lr_decay_gamma); cosine: CosineAnnealingLR(n_epochs). With --fast_forward_schedulers they are stepped to
+    --start_epoch (released: a later start epoch still begins at --lr)."""
+    scheduled = optimizers if dataset == "cifar100" else {k: o for k, o in optimizers.items() if k.startswith("sd_")}
+    if args.lr_policy == "step":
+        schedulers = {k: torch.optim.lr_scheduler.MultiStepLR(o, args.lr_decay_iters, args.lr_decay_gamma)
+                      for k, o in scheduled.items()}
+    else:
+        schedulers = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=args.n_epochs, eta_min=0)
+                      for k, o in scheduled.items()}
+    if args.fast_forward_schedulers:
+        for _ in range(args.start_epoch - 1):
+            for s in schedulers.values():
+                s.step()
+    return schedulers
+
+
+def imagenet_lr(base_lr, epoch, step, iterations_per_epoch, warmup="released"):
+    """The released ImageNet SGD lr, set before every iteration: 0.1^(floor(e/30) + [e >= 80]) times a linear warm-up
+    (1 + s + w * n) / (5 n) while w < 5, with n iterations per epoch and w = e (released: epochs start at 1, so the
+    ramp covers epochs 1-4 and starts near 0.2x) or, with warmup='five_epochs', w = e - 1 (epochs 1-5, from 0)."""
+    w = epoch - 1 if warmup == "five_epochs" else epoch
+    lr = base_lr * 0.1 ** (epoch // 30 + int(epoch >= 80))
+    if w < 5:
+        lr *= (1 + step + w * iterations_per_epoch) / (5 * iterations_per_epoch)
+    return lr
+
+
+def set_sgd_lr(optimizers, lr):
+    """The lr of every SGD optimizer (students, leader, fusion module); the decoders' Adams keep their schedulers."""
+    for name, optimizer in optimizers.items():
+        if not name.startswith("sd_"):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
 
 def warmed_up_lambdas(opt_lambdas, epoch):
     """The three lambdas after the exponential warm-up over epochs 1-5."""
     return {name: lambda_warmup(value, epoch) for name, value in opt_lambdas.items()}
+
+
+def epoch_lambdas(args, epoch):
+    """The warmed-up {'diversity', 'fusion', 'self_distillation'} of EPOCH from the script's --lambda_* options."""
+    return warmed_up_lambdas({"diversity": args.lambda_diversity, "fusion": args.lambda_fusion,
+                              "self_distillation": args.lambda_self_distillation}, epoch)
 
 
 def _step(optimizer, loss):
@@ -122,40 +170,43 @@ def train_step(nets, optimizers, inputs, labels, lambdas, temperature=2, followe
     released, or 'self_distillation'). FORWARD: the networks to call (DDP-wrapped, channels_last, compiled),
     defaulting to NETS; decoders producing targets are called without DDP and without gradient, since nothing flows
     into them. AUTOCAST(): the context of every network forward (bf16 autocast on the fast path); the loss terms
-    compute in float32. No host synchronisation: every term stays a device tensor.
+    compute in at least float32 (float64 networks give float64 terms). Every loss is formed and summed in the
+    released order, which fixes the float32 rounding. No host synchronisation: every term stays a device tensor.
     Returns (terms, outputs): detached loss terms by name and the forward outputs."""
     forward = forward or nets
     m = nets.model_num
     t = temperature
 
     def ce(logits, targets):
-        return F.cross_entropy(full_precision(logits), targets)
+        return F.cross_entropy(at_least_fp32(logits), targets)
     lam_div, lam_fusion, lam_sd = lambdas["diversity"], lambdas["fusion"], lambdas["self_distillation"]
     lam_follower_sd = lambdas[follower_sd_weight]
 
     with autocast():
         (leader_logits, leader_maps, trans_fusion, student_logits, student_maps, fusion_input, fusion_logits,
          fused) = forward_networks(forward, inputs)
-    mean_logits = torch.stack([full_precision(z) for z in student_logits]).mean(0)
+    mean_logits = sum(at_least_fp32(z) for z in student_logits) / m
 
     terms = {}
     for i in range(m):  # common students: CE + DML (+ diversity and self-distillation for followers)
         z = student_logits[i]
         loss_ce = ce(z, labels)
-        dml = sum(kd_kl(z, student_logits[j], t) for j in range(m) if j != i) / (m - 1)
+        dml = dml_loss(z, [student_logits[j] for j in range(m) if j != i], t)
         loss = loss_ce + dml
         terms.update({f"student{i}/ce": loss_ce, f"student{i}/dml": dml})
         if i >= 1:
             previous_last = student_maps[i - 1][-1].detach()
             div_raw = diversity_loss(student_maps[i][-1], previous_last, normalized_diversity_target)
+            diversity = lam_div * div_raw
             with torch.no_grad():
                 shifted = diversity_target(previous_last)
             sd_raw = self_distillation_loss(unwrap(forward.sd_students[i - 1]), student_maps[i][:-1], shifted,
                                             autocast)
-            loss = loss + lam_div * div_raw + lam_follower_sd * sd_raw
-            terms.update({f"student{i}/diversity_raw": div_raw, f"student{i}/diversity": lam_div * div_raw,
+            self_distillation = lam_follower_sd * sd_raw
+            loss = loss + diversity + self_distillation
+            terms.update({f"student{i}/diversity_raw": div_raw, f"student{i}/diversity": diversity,
                           f"student{i}/self_distillation_raw": sd_raw,
-                          f"student{i}/self_distillation": lam_follower_sd * sd_raw})
+                          f"student{i}/self_distillation": self_distillation})
         terms[f"student{i}/total"] = loss
         _step(optimizers[f"student{i}"], loss)
 
@@ -170,25 +221,28 @@ def train_step(nets, optimizers, inputs, labels, lambdas, temperature=2, followe
     fused = fused.detach()
     leader_ce, leader_kl = ce(leader_logits, labels), kd_kl(leader_logits, fusion_logits, t)
     fusion_raw = attention_distance(leader_maps[-1], fused)
+    leader_fusion = lam_fusion * fusion_raw
     trans_raw = attention_distance(trans_fusion, fusion_input)
+    leader_trans = lam_fusion * trans_raw
     leader_sd_raw = self_distillation_loss(unwrap(forward.sd_leader), leader_maps[:-1], fused, autocast)
-    leader_loss = leader_ce + leader_kl + lam_fusion * (fusion_raw + trans_raw + leader_sd_raw)
+    leader_sd = lam_fusion * leader_sd_raw
+    leader_loss = leader_ce + leader_kl + leader_fusion + leader_trans + leader_sd
     terms.update({"leader/ce": leader_ce, "leader/kl": leader_kl, "leader/fusion_raw": fusion_raw,
-                  "leader/fusion": lam_fusion * fusion_raw, "leader/trans_fusion_raw": trans_raw,
-                  "leader/trans_fusion": lam_fusion * trans_raw, "leader/self_distillation_raw": leader_sd_raw,
-                  "leader/self_distillation": lam_fusion * leader_sd_raw, "leader/total": leader_loss})
+                  "leader/fusion": leader_fusion, "leader/trans_fusion_raw": trans_raw,
+                  "leader/trans_fusion": leader_trans, "leader/self_distillation_raw": leader_sd_raw,
+                  "leader/self_distillation": leader_sd, "leader/total": leader_loss})
     _step(optimizers["leader"], leader_loss)
 
     # Decoders: each fits its own network's maps (train-mode BN), weighted by lambda_self_distillation.
     decoders = [(f"sd_student{i}", forward.sd_students[i - 1], student_maps[i]) for i in range(1, m)]
     decoders.append(("sd_leader", forward.sd_leader, leader_maps))
     for name, decoder, maps in decoders:
-        feature, attn = decoder_training_losses(decoder, maps, autocast)
-        terms.update({f"{name}/feature_raw": feature, f"{name}/attention_raw": attn,
-                      f"{name}/feature": lam_sd * feature, f"{name}/attention": lam_sd * attn})
-        _step(optimizers[name], lam_sd * (feature + attn))
+        feature, attn, feature_raw, attn_raw = decoder_training_losses(decoder, maps, lam_sd, autocast)
+        terms.update({f"{name}/feature_raw": feature_raw, f"{name}/attention_raw": attn_raw,
+                      f"{name}/feature": feature, f"{name}/attention": attn})
+        _step(optimizers[name], feature + attn)
 
-    terms = {k: v.detach() if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in terms.items()}
+    terms = {k: v.detach() for k, v in terms.items()}
     outputs = {"student_logits": [z.detach() for z in student_logits], "leader_logits": leader_logits.detach(),
                "fusion_logits": fusion_logits.detach(), "trans_fusion": trans_fusion.detach(),
                "student_maps": [[f.detach() for f in maps] for maps in student_maps],
@@ -258,7 +312,7 @@ def evaluate(nets, loader, device, max_batches=0, reduce=None, autocast=contextl
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
             logits = predict(nets, x)
-        logits = {name: full_precision(z) for name, z in logits.items()}
+        logits = {name: at_least_fp32(z) for name, z in logits.items()}
         logits["ensemble"] = torch.stack([z for k, z in logits.items() if k.startswith("student")]).mean(0)
         batch = {}
         for name, z in logits.items():

@@ -1,4 +1,4 @@
-"""FFSD: fingerprints, parity with the reference fixtures, the training step, the scripts on synthetic data."""
+"""FFSD: fingerprints, the training step, the scripts on synthetic data (parity: test_ffsd_parity.py)."""
 import json
 import os
 import subprocess
@@ -7,19 +7,13 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SHARED_FIXTURES, paper_fixtures
+from conftest import REPO
 
 from common.logging import read_log
-from ffsd import parity
 from ffsd.losses import lambda_warmup
 from ffsd.models import create_decoder, create_fusion_module, create_model
-from ffsd.training import build_networks, build_optimizers, train_step, warmed_up_lambdas
+from ffsd.training import build_networks, build_optimizers, imagenet_lr, train_step, warmed_up_lambdas
 
-FINGERPRINTS = [("resnet20", "cifar100", "resnet20"), ("resnet32", "cifar100", "resnet32"),
-                ("resnet56", "cifar100", "resnet56"), ("wideresnet1602", "cifar100", "wideresnet1602"),
-                ("wideresnet4002", "cifar100", "wideresnet4002"), ("densenet", "cifar100", "densenet"),
-                ("googlenet", "cifar100", "googlenet"), ("resnet18", "imagenet", "imagenet_resnet18"),
-                ("resnet34", "imagenet", "imagenet_resnet34")]
 LAMBDAS = {"diversity": 1e-5, "fusion": 10.0, "self_distillation": 1000.0}
 
 
@@ -31,12 +25,10 @@ def count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("model,dataset,stem", FINGERPRINTS)
-def test_layouts_and_parameter_counts_match_fingerprints(model, dataset, stem):
-    path = SHARED_FIXTURES / "ffsd" / f"{stem}.json"
-    if not path.exists():
-        pytest.skip(f"shared fingerprint {path} not present")
-    fp = json.loads(path.read_text())
+def test_layouts_and_parameter_counts_match_fingerprints(ffsd_fingerprint):
+    fp = json.loads(ffsd_fingerprint.read_text())
+    model = fp["model"]
+    dataset = "imagenet" if "forward_2x3x224x224_train_mode" in fp else "cifar100"
     student = create_model(model, dataset)
     leader = create_model(model, dataset, leader=True)
     fusion = create_fusion_module(student, dataset)
@@ -62,36 +54,21 @@ def test_published_counts_from_the_spec():
     assert count(nets) == 1_489_920
 
 
-FIXTURES = paper_fixtures("ffsd")[1]
-
-
-@pytest.mark.skipif(not FIXTURES, reason="shared FFSD fixtures folder (../shared/fixtures/ffsd) is absent")
-@pytest.mark.parametrize("path", FIXTURES, ids=[p.name for p in FIXTURES])
-def test_parity_with_reference_fixture(path, capsys):
-    ok = parity.check_fixture(str(path))
-    out = capsys.readouterr().out
-    assert ok, out
-    assert "FAIL" not in out and "init regeneration" in out and "post_step_checksums" in out
-
-
-def test_parity_cli_rejects_a_corrupted_fixture(tmp_path):
-    if not FIXTURES:
-        pytest.skip("shared FFSD fixtures folder is absent")
-    fixture = torch.load(FIXTURES[0], weights_only=False)
-    key = next(k for k in fixture if k.startswith("losses_epoch"))
-    fixture[key]["leader/ce"] = fixture[key]["leader/ce"] * 1.01
-    fixture["meta"]["config"] = {"model": "resnet20", "init_seed": 0, "batch_seed": 1, "epochs": [6, 1],
-                                 "weights_fp16_rounded": True}
-    fixture["init_state"] = {n: {k: v.half() if v.is_floating_point() else v for k, v in s.items()}
-                             for n, s in fixture["init_state"].items()}  # the fp16 [ext] form must load too
-    path = tmp_path / "bad_fixture.pt"
-    torch.save(fixture, path)
-    assert parity.main([str(path), "--no-regeneration"]) == 1
-
-
 def test_warmup_factors():
     factors = [lambda_warmup(1.0, e) for e in range(1, 7)]
     assert factors == pytest.approx([0.0407622, 0.1652989, 0.4493290, 0.8187308, 1.0, 1.0], rel=1e-6)
+
+
+def test_imagenet_lr_rule_and_its_warmup_switch():
+    n = 10  # iterations per epoch
+    # released: the warm-up written for epochs from 0 runs on epochs from 1: epochs 1-4, from (1 + n) / 5n
+    assert imagenet_lr(0.1, 1, 0, n) == pytest.approx(0.1 * 11 / 50)
+    assert imagenet_lr(0.1, 4, 9, n) == pytest.approx(0.1) and imagenet_lr(0.1, 5, 0, n) == 0.1
+    # five_epochs: epochs 1-5, from 1 / 5n
+    assert imagenet_lr(0.1, 1, 0, n, "five_epochs") == pytest.approx(0.1 / 50)
+    assert imagenet_lr(0.1, 5, 0, n, "five_epochs") == pytest.approx(0.1 * 41 / 50)
+    assert imagenet_lr(0.1, 6, 0, n, "five_epochs") == 0.1
+    assert [imagenet_lr(0.1, e, 0, n) for e in (29, 30, 60, 79, 80)] == pytest.approx([0.1, 1e-2, 1e-3, 1e-3, 1e-4])
 
 
 def test_detach_points_and_loss_falls():
@@ -133,6 +110,7 @@ def test_bad_options_fail_clearly(tmp_path, synthetic_root, capsys):
     assert "valid: resnet20, resnet32" in err and "googlenet" in err
     assert "--model_num must be at least 2" in run("--model", "resnet20", "--model_num", "1")
     assert "invalid choice" in run("--model", "resnet20", "--lr_policy", "linear")
+    assert "imagenet.py only" in run("--model", "resnet20", "--imagenet_warmup", "five_epochs")
     assert not (tmp_path / "bad").exists()  # nothing written before the options are valid
 
 
@@ -233,4 +211,8 @@ def test_imagenet_under_torchrun_two_processes(synthetic_root, tmp_path):
     assert record["epoch"] == 1 and "test/leader/top1" in record and "test/student0/top5" in record
     args = json.loads((run_dir / "args.json").read_text())
     assert args["train_batch_size"] == 4 and args["script"] == "ffsd/imagenet.py"
+    # the warm-up spans len(train) // --train_batch_size iterations per epoch (released: // 256, its forced batch)
+    n_train = sum(1 for p in (synthetic_root / "imagenet" / "train").rglob("*") if p.is_file())
+    assert record["lr"] == pytest.approx(imagenet_lr(0.1, 1, 0, n_train // 4), rel=1e-12)
+    assert record["lr"] != pytest.approx(imagenet_lr(0.1, 1, 0, max(n_train // 256, 1)), rel=1e-3)
     assert (run_dir / "checkpoints" / "modelleader_best.pth").exists()

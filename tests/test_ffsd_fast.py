@@ -1,39 +1,36 @@
-"""FFSD fast path: channels_last / compile give the faithful losses, bf16 autocast stays close, and a training run
-with CIFAR on the device (augmented there) logs falling losses and resumes exactly."""
+"""FFSD fast path: channels_last / compile give the faithful losses (within the parity rule's tolerance: 8 x our own
+measured float32-vs-float64 spread), bf16 autocast stays close, and a training run with CIFAR on the device (augmented
+there) logs falling losses and resumes exactly."""
 import argparse
 import json
 
 import pytest
 import torch
 
-from conftest import paper_fixtures
-
 from common.logging import read_log
 from common.fast import autocast
+from common.parity import Report
 from ffsd.training import build_networks, build_optimizers, prepare_networks, train_step, warmed_up_lambdas
 
 LAMBDAS = {"diversity": 1e-5, "fusion": 10.0, "self_distillation": 1000.0}
-FIXTURES = paper_fixtures("ffsd")[1]
 NETWORK_TOTALS = ("student0/total", "student1/total", "fusion/total", "leader/total")
 BF16_TOLERANCE = 2e-2  # relative, per network's total loss and on their sum, at the same weights
 
 
 def fixture_batch():
-    """The reference fixture's batch (8 images), or a seeded one of the same shape when the fixture is absent."""
-    if FIXTURES:
-        fixture = torch.load(FIXTURES[0], map_location="cpu", weights_only=False)
-        return fixture["inputs"].float(), fixture["labels"]
+    """A batch drawn as the reference fixtures draw theirs (seed 1: 8 images, then CIFAR-100 labels)."""
     g = torch.Generator().manual_seed(1)
     return torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 100, (8,), generator=g)
 
 
-def one_step(channels_last=False, compile=False, amp="none"):
+def one_step(channels_last=False, compile=False, amp="none", dtype=torch.float32):
     """Loss terms of one iteration from seed-0 weights, and every network's state afterwards."""
     args = argparse.Namespace(channels_last=channels_last, compile=compile, amp=amp)
     torch.manual_seed(0)
-    nets = build_networks("resnet20")
+    nets = build_networks("resnet20").to(dtype)
     forward = prepare_networks(nets, args)
     x, y = fixture_batch()
+    x = x.to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     nets.train()
@@ -47,23 +44,31 @@ def faithful():
     return one_step()
 
 
-def assert_same_terms(fast, faithful, rtol):
+@pytest.fixture(scope="module")
+def faithful64():
+    return one_step(dtype=torch.float64)[0]
+
+
+def assert_same_terms(fast, faithful, faithful64):
+    """FAST (another float32 evaluation: other kernels, other summation orders) within the parity rule of the
+    float64 terms: 8 x max(our default float32 spread, 4 eps), the spread shared over the scalar terms."""
     assert fast.keys() == faithful.keys()
-    for name, value in faithful.items():
-        assert fast[name].item() == pytest.approx(value.item(), rel=rtol, abs=1e-7), name
+    report = Report("fast path")
+    report.entries("loss terms", {k: (faithful[k], fast[k], faithful64[k]) for k in faithful}, shared_spread=True)
+    assert report.ok and not report.not_comparable(), report.format()
 
 
-def test_channels_last_gives_the_faithful_losses(faithful):
+def test_channels_last_gives_the_faithful_losses(faithful, faithful64):
     terms, state = one_step(channels_last=True)
-    assert_same_terms(terms, faithful[0], rtol=1e-5)
+    assert_same_terms(terms, faithful[0], faithful64)
     # the plain modules still hold the weights (what checkpoints save), with the same keys
     assert state.keys() == faithful[1].keys()
 
 
 @pytest.mark.slow  # torch.compile of six networks takes minutes on the CPU
-def test_compile_and_channels_last_give_the_faithful_losses(faithful):
+def test_compile_and_channels_last_give_the_faithful_losses(faithful, faithful64):
     terms, _ = one_step(channels_last=True, compile=True)
-    assert_same_terms(terms, faithful[0], rtol=1e-4)
+    assert_same_terms(terms, faithful[0], faithful64)
 
 
 def test_bf16_autocast_stays_close_to_fp32(faithful):
@@ -84,15 +89,15 @@ FAST = ["--model", "resnet20", "--lr", "0.02", "--steps-per-epoch", "3", "--eval
 def test_data_on_device_run_logs_falling_loss_and_resumes_exactly(synthetic_root, tmp_path):
     from ffsd.train import main
     full, split = tmp_path / "full", tmp_path / "split"
-    main(FAST + ["--n_epochs", "5", "--data-root", str(synthetic_root), "--run-dir", str(full)])
+    main(FAST + ["--n_epochs", "4", "--data-root", str(synthetic_root), "--run-dir", str(full)])
     assert json.loads((full / "args.json").read_text())["data_on_device"] is True
     records = read_log(full)
-    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
     assert records[-1]["train/loss"] < records[0]["train/loss"]
     assert (full / "finished").exists() and (full / "checkpoints" / "modelleader_best.pth").exists()
     # stop after epoch 2, continue to the end: the device loader's generator is checkpointed, so the result is equal
     main(FAST + ["--n_epochs", "3", "--data-root", str(synthetic_root), "--run-dir", str(split)])
-    main(FAST + ["--n_epochs", "5", "--data-root", str(synthetic_root), "--run-dir", str(split), "--resume"])
+    main(FAST + ["--n_epochs", "4", "--data-root", str(synthetic_root), "--run-dir", str(split), "--resume"])
     a = torch.load(full / "checkpoint.pt", weights_only=False)["networks"]
     b = torch.load(split / "checkpoint.pt", weights_only=False)["networks"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -12,20 +12,23 @@ class Backbone(nn.Module):
     (it is built before the weight init, as released, so it gets the same conv init).
 
     forward(x) returns (logits, maps) for a common student and (logits, maps, trans_fusion_output) for the leader.
+    INIT is the weight initialisation the released model file applies after construction.
     """
 
     last_channels = None  # C of the last map
     last_spatial = None  # its height/width for the dataset's input size
 
-    def finish_init(self, leader, model_num):
+    def finish_init(self, leader, model_num, init=reset_parameters):
         self.leader = leader
         if leader:
             self.trans_fusion_module = TransFusionModule(self.last_channels, self.last_spatial, model_num)
-        reset_parameters(self)
+        init(self)
 
     def forward(self, x):
         maps = self.features(x)
-        logits = self.classify(maps[-1])
         if self.leader:
-            return logits, maps, self.trans_fusion_module(maps[-1])
-        return logits, maps
+            # TransFusion before the classifier, as released: autograd then sums the gradients reaching the last map
+            # in the released order, so a float32 step equals the authors' bit for bit (the math is the same)
+            trans_fusion = self.trans_fusion_module(maps[-1])
+            return self.classify(maps[-1]), maps, trans_fusion
+        return self.classify(maps[-1]), maps

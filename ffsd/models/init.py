@@ -14,3 +14,14 @@ def reset_parameters(module):
         elif isinstance(m, nn.BatchNorm2d):
             m.weight.data.fill_(1)
             m.bias.data.zero_()
+
+
+def reset_parameters_kaiming(module):
+    """The ImageNet ResNets' init: kaiming_normal_(fan_out, relu) for conv weights (reset_parameters' distribution,
+    with the std computed as torch.nn.init does, as released), BN weight 1 / bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)

@@ -3,6 +3,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ffsd.models.backbone import Backbone
+from ffsd.models.init import reset_parameters_kaiming
 
 
 class BasicBlock(nn.Module):
@@ -75,7 +76,7 @@ class ImageNetResNet(Backbone):
         self.layer3 = make_stage(128, 256, blocks[2], 2)
         self.layer4 = make_stage(256, 512, blocks[3], 2)
         self.fc = nn.Linear(512, num_classes)
-        self.finish_init(leader, model_num)
+        self.finish_init(leader, model_num, init=reset_parameters_kaiming)
 
     def features(self, x):
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
