@@ -5,11 +5,12 @@
 A fixture's `meta.constructor_call` names the released model (resnet_GL / vgg_GL / densenet_GL, MultiNet.StuNet,
 resnet_one / vgg_one / densenet_one, DML.MutualNet; any architecture, branch count, class count) and so the training
 script and flags that build it here (train_GL.py [--MulStu], train_one.py [--ind --avg --bpscale], train_DML.py).
-Every value is computed through that script: its `build()` gives the model and the step (forward + loss at an
-epoch's ramp weight), the engine's `make_optimizer`, `set_epoch_lr` and `optimize` make the training step,
-`EpochMeters` and `evaluate` the logged metrics. Each value is computed twice, in float32 from the fixture's fp16-grid
-weights (`state_dict_fp16` + `state_dict_fp16_parts`) as the reference was, and in float64 from the same weights and
-input, and common.parity decides (tolerance from the measured float32-vs-float64 spread of our own code):
+Every value is computed through that script: its `build()` gives the `Method` (the model, the forward of a batch
+and the loss at an epoch's ramp weight), and the engine's `RecipeRun` that trains it gives the training step (its
+optimizer, the epoch's lr, the step) and the logged metrics (`train_record`, `evaluate`). Each value is computed
+twice, in float32 from the fixture's fp16-grid weights (`state_dict_fp16` + `state_dict_fp16_parts`) as the
+reference was, and in float64 from the same weights and input, and common.parity decides (tolerance from the
+measured float32-vs-float64 spread of our own code):
 
   layout              our state-dict keys and shapes against the fixture's weights (their order: the fingerprint
                       tests)
@@ -30,23 +31,25 @@ its module's parameters (or gradients) in float64.
 """
 import ast
 import copy
+import dataclasses
 import pathlib
 import re
 import sys
 
 import torch
 
-from common.distributed import DistContext
+from common.fast import Fast
+from common.meters import Meter
 from common.parity import (F64, FixtureError, Report, as_dtype, checker_main, checksum_vectors, load_fixture,
                            load_weight_files)
 from okddip import engine, train, train_DML, train_GL, train_one
 from okddip.losses import kl_t, okddip_loss
 from okddip.models import check_arch
+from okddip.students import INDIVIDUAL_NAMES
 
 PLAIN, BRANCH_GL, BRANCH_ONE = ("resnet", "vgg", "densenet"), ("resnet_GL", "vgg_GL", "densenet_GL"), \
     ("resnet_one", "vgg_one", "densenet_one")
 METHOD = {train: None, train_GL: "okddip", train_one: "one", train_DML: "dml"}
-CPU = DistContext()
 
 
 # --------------------------------------------------------------------------------------------- configuration ----
@@ -104,7 +107,7 @@ def script_args(script, argv, hyper=None, **extra):
     for flag, on in extra.items():
         if on:
             argv.append(f"--{flag}")
-    return script.parser().parse_args(argv)
+    return script.get_args_parser().parse_args(argv)
 
 
 class Setup:
@@ -127,18 +130,23 @@ class Setup:
         self.title = f"{name}: {meta['constructor_call']} ({self.script.__name__.split('.')[-1]})"
 
     def build(self, args=None, dtype=torch.float32, weights=None):
-        """(model, step) of the script, in DTYPE, holding the fixture's weights (or WEIGHTS)."""
-        model, step = self.script.build(args or self.args, self.num_classes)[:2]
-        model = model.to(dtype)
-        model.load_state_dict(as_dtype(weights, dtype) if weights is not None else self.weights[dtype])
-        return model, step
+        """The script's Method, its model in DTYPE holding the fixture's weights (or WEIGHTS)."""
+        method = self.script.build(args or self.args, self.num_classes)
+        method.model.to(dtype).load_state_dict(as_dtype(weights, dtype) if weights is not None else
+                                               self.weights[dtype])
+        return method
 
     def pair(self, args=None, weights=None):
-        """{dtype: (model, step)} for float32 and float64, the same weights."""
-        model, step = self.build(args, torch.float32, weights)
-        double = copy.deepcopy(model).double()
+        """{dtype: Method} for float32 and float64, the same weights."""
+        single = self.build(args, torch.float32, weights)
+        double = copy.deepcopy(single.model).double()
         double.load_state_dict(as_dtype(weights, torch.float64) if weights is not None else self.weights[torch.float64])
-        return {torch.float32: (model, step), torch.float64: (double, step)}
+        return {torch.float32: single, torch.float64: dataclasses.replace(single, model=double)}
+
+
+def recipe_run(args, method, test_loader=None):
+    """The script's RecipeRun for METHOD on the CPU, outside a training run."""
+    return engine.RecipeRun(engine.detached_setup(Fast()), args, method, test_loader)
 
 
 # ------------------------------------------------------------------------------------------------ our values ----
@@ -148,13 +156,13 @@ EVAL_EPOCH = 0  # the ramp weight the stored evaluate() ran with (its test_loss 
 
 
 def forward_and_losses(pair, x, y, epochs):
-    """{dtype: (train-mode outputs, {epoch: loss terms})}: one forward, then the script's step at each epoch on
-    those outputs (its loss and ramp weight)."""
+    """{dtype: (train-mode outputs, {epoch: loss terms})}: one forward, then the script's loss at each epoch on
+    those outputs (with the epoch's ramp weight)."""
     result = {}
-    for dtype, (model, step) in pair.items():
-        model.train()
-        out = model(x[dtype])
-        result[dtype] = (out, {epoch: step(lambda _: out, x[dtype], y, epoch)[1] for epoch in epochs})
+    for dtype, method in pair.items():
+        method.model.train()
+        out = method.forward(method.model, x[dtype])
+        result[dtype] = (out, {epoch: method.loss(out, y, epoch)[1] for epoch in epochs})
     return result
 
 
@@ -231,10 +239,10 @@ def check_forward(report, label, setup, pair, ref):
     for epoch, stored in tables.items():
         named = {d: fixture_terms(setup, terms[epoch], out) for d, (out, terms) in ours.items()}
         if "total_loss_with_--type" in stored:  # DML: the same outputs under train_DML.py --type
-            pairwise_step = setup.script.build(script_args(setup.script, setup.argv, setup.hyper, type=True),
-                                               setup.num_classes)[1]
+            pairwise = setup.script.build(script_args(setup.script, setup.argv, setup.hyper, type=True),
+                                          setup.num_classes).loss
             for d, (out, _) in ours.items():
-                named[d]["total_loss_with_--type"] = scalar(pairwise_step(lambda _: out, setup.x[d], setup.y, epoch)[0])
+                named[d]["total_loss_with_--type"] = scalar(pairwise(out, setup.y, epoch)[0])
         suffix = f"[{epoch}]" if by_epoch else ""
         if "consistency_weight" in stored:  # a python float, in float64 as released
             report.float64(f"{label}.loss{suffix}.consistency_weight", ours[torch.float64][1][epoch]
@@ -289,7 +297,7 @@ def layer_tensors(report, name, ours32, refs, ours64, floors):
 
 def record_key(name, method, prefix):
     """A released metric name (train_loss, mean_train_accTop1, stu2train_accTop5, dist, ...) -> our log key."""
-    student = {"okddip": "peer", "one": "branch", "dml": "net"}.get(method, "net")
+    student = INDIVIDUAL_NAMES.get(method, "net")
     p = prefix
     patterns = [(rf"^{p}_loss$", "loss"), (rf"^{p}_true_loss$", "true_loss"), (rf"^{p}_group_loss$", "group_loss"),
                 (rf"^{p}_teacher_loss$", "teacher_loss"), (rf"^mean_{p}_accTop(\d)$", r"mean/top\1"),
@@ -328,17 +336,17 @@ def check_metrics(report, label, setup, stored, ours, prefix, skip=("time",)):
 
 
 def train_step(setup, args, epoch):
-    """One training step through the script's own code (build, make_optimizer, set_epoch_lr, optimize) in float32
-    and float64: {dtype: logged record}, {dtype: {parameter: gradient or None}}, {dtype: state after the step}."""
+    """One training step through the script's own code (its Method in a RecipeRun: the optimizer, the epoch's lr,
+    the step, the epoch record) in float32 and float64: {dtype: logged record}, {dtype: {parameter: gradient or
+    None}}, {dtype: state after the step}."""
     grads, states, records = {}, {}, {}
-    for dtype, (model, step) in setup.pair(args).items():
-        optimizer = engine.make_optimizer(model, args)
-        engine.set_epoch_lr(optimizer, args, epoch)
-        model.train()
-        _, terms, out = engine.optimize(model, optimizer, step, setup.x[dtype], setup.y, epoch)
-        meters = engine.EpochMeters(setup.method)
-        meters.update(terms, out, setup.y)
-        records[dtype] = meters.record("train")
+    for dtype, method in setup.pair(args).items():
+        run = recipe_run(args, method)
+        run.on_epoch_start(epoch)
+        meter = Meter()
+        meter.update(run.train_step(0, setup.x[dtype], setup.y), setup.y.size(0))
+        records[dtype] = run.train_record(meter)
+        model = method.model
         grads[dtype] = {n: None if p.grad is None else p.grad.detach() for n, p in model.named_parameters()}
         states[dtype] = {n: t.detach() for n, t in model.state_dict().items()}
     return records, grads, states
@@ -347,7 +355,7 @@ def train_step(setup, args, epoch):
 def check_train_step(report, label, setup, run, epoch, args):
     """One stored run of the released train() against the same step of ours (ramp weight in float64)."""
     if "consistency_weight" in run:
-        ramp = setup.script.build(args, setup.num_classes)[2]
+        ramp = setup.script.build(args, setup.num_classes).ramp
         report.float64(f"{label}.consistency_weight", ramp(epoch), run["consistency_weight"], F64["loss"])
     records, grads, states = train_step(setup, args, epoch)
     check_metrics(report, f"{label}.metric", setup, run["train_metrics_from_original_train()"], records, "train")
@@ -373,10 +381,10 @@ def check_eval(report, setup, ref):
     """Eval-mode outputs of the fresh model and the metrics of the script's evaluate() on the one batch."""
     tensors = {k: v for k, v in ref.items() if torch.is_tensor(v)}
     outs, records = {}, {}
-    for dtype, (model, step) in setup.pair().items():
-        recorder = Recorder(model)
-        records[dtype] = engine.evaluate(setup.args, recorder, [(setup.x[dtype], setup.y)], step, setup.method,
-                                         EVAL_EPOCH, CPU)
+    for dtype, method in setup.pair().items():
+        recorder = Recorder(method.model)
+        run = recipe_run(setup.args, dataclasses.replace(method, model=recorder), [(setup.x[dtype], setup.y)])
+        records[dtype] = run.evaluate(EVAL_EPOCH)
         outs[dtype] = recorder.out
     for key, value in tensors.items():
         name = OUTPUT_NAMES.get(key, key)
@@ -389,7 +397,7 @@ def check_eval(report, setup, ref):
 def check_detach_probe(report, setup, probe):
     """With the attention targets x_m detached, the query projection gets no gradient (it learns only through the
     targets, as released)."""
-    model, _ = setup.build()
+    model = setup.build().model
     model.train()
     out = model(setup.x[torch.float32])
     out["x_m"] = out["x_m"].detach()
@@ -408,7 +416,7 @@ def check(fx, folder, name):
     """Every item of the loaded fixture FX (weight parts in FOLDER) -> common.parity.Report titled NAME."""
     setup = Setup(fx, folder, name)
     report = Report(setup.title)
-    ours = {k: list(v.shape) for k, v in setup.script.build(setup.args, setup.num_classes)[0].state_dict().items()}
+    ours = {k: list(v.shape) for k, v in setup.script.build(setup.args, setup.num_classes).model.state_dict().items()}
     theirs = {k: list(v.shape) for k, v in setup.weights[torch.float32].items()}
     differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
     report.exact("layout (state-dict keys and shapes)", not differ,
@@ -427,7 +435,7 @@ def check(fx, folder, name):
     if "exact_weight_checksums" in fx:
         seed = setup.harness.get("init_seed", 0)
         torch.manual_seed(seed)
-        regenerated = {k: v.detach() for k, v in setup.script.build(setup.args, setup.num_classes)[0]
+        regenerated = {k: v.detach() for k, v in setup.script.build(setup.args, setup.num_classes).model
                        .state_dict().items()}
         item = f"seed-{seed} weights regenerated (checksums)"
         report.checksums(item, regenerated, fx["exact_weight_checksums"], as_dtype(regenerated, torch.float64))

@@ -4,6 +4,9 @@ import torch.nn as nn
 
 from common.fast import at_least_fp32
 
+# the name of each method's individual students in the logs: peer<i>, branch<i>, net<i>
+INDIVIDUAL_NAMES = {"okddip": "peer", "one": "branch", "dml": "net"}
+
 
 def student_logits(method, out):
     """Ordered {name: logits}: individual students first, then the leader (OKDDip), the mean-logit 'ensemble' and,
@@ -14,7 +17,7 @@ def student_logits(method, out):
     peers; the released shared-block DenseNet returns all m branches as columns, so its ensemble includes the
     leader's branch). For that DenseNet 'ensemble_peers' adds the mean of the m - 1 peers alone."""
     pro = out["pro"]
-    prefix = {"okddip": "peer", "one": "branch", "dml": "net"}[method]
+    prefix = INDIVIDUAL_NAMES[method]
     n = out.get("num_peers", pro.size(-1))
     logits = {f"{prefix}{i}": pro[:, :, i] for i in range(n)}
     individuals = list(logits)

@@ -5,15 +5,17 @@
 
 L = sum_j CE(z_j) + sum_j KL_T(z_j; mean_{k != j} z_k). best.pth follows the mean of the networks' test top-1.
 """
-from common.fast import autocast
-from okddip.engine import base_parser, check_args, count_classes, default_run_dir, train
+from common.cli import run_main
+from common.options import setup_run
+from okddip.engine import (MAY_CHANGE, Method, base_parser, check_args, check_distillation_args, datasets,
+                           default_run_dir, train)
 from okddip.losses import dml_loss
 from okddip.models import IndependentNets
 
 SCRIPT = "okddip/train_DML.py"
 
 
-def parser():
+def get_args_parser():
     p = base_parser(__doc__)
     p.add_argument("--num_branches", type=int, default=4)
     p.add_argument("--loss", default="KL", choices=["KL", "CE"])
@@ -23,30 +25,26 @@ def parser():
 
 
 def build(args, num_classes):
-    """The model and step(net, x, y, epoch) -> (loss, terms, out): forward (autocast when --amp), then the loss."""
-    model = IndependentNets(args.model, num_classes, args.num_branches, dropout=args.dropout)
-
-    def step(net, x, y, epoch):
-        with autocast(args, x.device):
-            out = net(x)
-        loss, terms = dml_loss(out, y, args.temperature, args.loss, pairwise=args.type)
-        return loss, terms, out
-
-    return model, step
+    """The m networks and the DML loss (no ramp weight)."""
+    return Method(students="dml", model=IndependentNets(args.model, num_classes, args.num_branches,
+                                                        dropout=args.dropout),
+                  forward=lambda net, x: net(x),
+                  loss=lambda out, y, epoch: dml_loss(out, y, args.temperature, args.loss, pairwise=args.type),
+                  select="test/mean/top1", milestones=tuple(args.schedule))
 
 
 def main(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    check_args(args)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    check_distillation_args(parser, args)
     if args.num_branches < 2:
-        p.error(f"--num_branches {args.num_branches}: DML needs at least 2 networks")
-    model, step = build(args, count_classes(args))
-
+        parser.error(f"--num_branches {args.num_branches}: DML needs at least 2 networks")
+    train_set, test_set, num_classes = datasets(args)
     tag = f"{args.model}B{args.num_branches}T{args.temperature}S{args.loss}{args.version}"
-    meta = {"method": "dml", "num_branches": args.num_branches, "type": args.type}
-    train(args, SCRIPT, "dml", model, step, meta, "test/mean/top1", default_run_dir(args, f"DML/{tag}"))
+    setup = setup_run(parser, args, SCRIPT, default_run_dir(args, f"DML/{tag}"), seed=args.seed, may_change=MAY_CHANGE)
+    return train(setup, args, build(args, num_classes), train_set, test_set)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,15 +8,17 @@
 L = sum_a CE(z_a) + CE(z_L) + alpha w(e) (sum_a KL_T(z_a; sum_b alpha_ab z_b) + KL_T(z_L; mean_a z_a)).
 best.pth follows the leader's test top-1 (with --ensemble: the peers' mean-logit ensemble).
 """
-from common.fast import autocast
-from okddip.engine import base_parser, check_args, count_classes, default_run_dir, train
+from common.cli import run_main
+from common.options import setup_run
+from okddip.engine import (MAY_CHANGE, Method, base_parser, check_args, check_distillation_args, datasets,
+                           default_run_dir, train)
 from okddip.losses import okddip_loss, ramp_weight
 from okddip.models import IndependentNets, OKDDipBranches
 
 SCRIPT = "okddip/train_GL.py"
 
 
-def parser():
+def get_args_parser():
     p = base_parser(__doc__)
     p.add_argument("--num_branches", type=int, default=4, help="students: num_branches - 1 peers + 1 leader")
     p.add_argument("--loss", default="KL", choices=["KL", "CE"])
@@ -38,39 +40,40 @@ def parser():
 
 
 def build(args, num_classes):
-    """The model and step(net, x, y, epoch) -> (loss, terms, out): forward (autocast when --amp), then the loss."""
+    """The peers and the leader (branches, or networks with --MulStu) and the OKDDip loss at the epoch's ramp."""
     if args.MulStu:
         model = IndependentNets(args.model, num_classes, args.num_branches, dropout=args.dropout, attention=True,
                                 ensemble=args.ensemble)
     else:
         model = OKDDipBranches(args.model, num_classes, args.num_branches, ensemble=args.ensemble,
-                               branch_dropout=args.branch_dropout,
-                               shared_block=bool(args.densenet_shared_block))
-    ramp = lambda e: ramp_weight(e, args.num_epochs, args.start_consistency, args.length)
+                               branch_dropout=args.branch_dropout, shared_block=bool(args.densenet_shared_block))
 
-    def step(net, x, y, epoch):
-        with autocast(args, x.device):
-            out = net(x)
-        loss, terms = okddip_loss(out, y, ramp(epoch), args.alpha, args.temperature, args.loss)
-        return loss, terms, out
+    def ramp(epoch):
+        return ramp_weight(epoch, args.num_epochs, args.start_consistency, args.length)
 
-    return model, step, ramp
+    def loss(out, y, epoch):
+        return okddip_loss(out, y, ramp(epoch), args.alpha, args.temperature, args.loss)
+
+    return Method(students="okddip", model=model, forward=lambda net, x: net(x), loss=loss, ramp=ramp,
+                  select="test/ensemble/top1" if args.ensemble else "test/leader/top1",
+                  milestones=tuple(args.schedule))
 
 
 def main(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    check_args(args)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    check_distillation_args(parser, args)
     if args.num_branches < (2 if args.ensemble else 3):
-        p.error(f"--num_branches {args.num_branches}: OKDDip needs at least two peers and a leader (3), "
-                f"or 2 peers with --ensemble")
-    model, step, ramp = build(args, count_classes(args))
+        parser.error(f"--num_branches {args.num_branches}: OKDDip needs at least two peers and a leader (3), "
+                     f"or 2 peers with --ensemble")
+    train_set, test_set, num_classes = datasets(args)
     tag = f"{args.model}{'M' if args.MulStu else 'B'}{args.num_branches}T{args.temperature}S{args.loss}" \
           f"{'E' if args.ensemble else ''}{args.version}"
-    meta = {"method": "okddip", "num_branches": args.num_branches, "MulStu": args.MulStu, "ensemble": args.ensemble}
-    select = "test/ensemble/top1" if args.ensemble else "test/leader/top1"
-    train(args, SCRIPT, "okddip", model, step, meta, select, default_run_dir(args, f"{args.type}/{tag}"), ramp=ramp)
+    setup = setup_run(parser, args, SCRIPT, default_run_dir(args, f"{args.type}/{tag}"), seed=args.seed,
+                      may_change=MAY_CHANGE + ("type",))
+    return train(setup, args, build(args, num_classes), train_set, test_set)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,20 +11,22 @@ import os
 import torch
 
 from common.checkpoint import CheckpointError, load_state_dict_checked
-from common.fast import autocast
-from okddip.engine import base_parser, check_args, count_classes, train
+from common.cli import run_main
+from common.options import setup_run
+from okddip.engine import MAY_CHANGE, Method, base_parser, check_args, check_distillation_args, datasets, train
 from okddip.losses import kd_loss
 from okddip.models import check_arch, plain_network
 
 SCRIPT = "okddip/train_kd.py"
 
 
-def load_teacher(arch, path, num_classes, device):
-    """A plain network of ARCH with the weights of PATH (a folder holding best.pth, or a .pth file)."""
+def teacher_weights(parser, arch, path, num_classes):
+    """A plain network of ARCH (on the CPU, in eval mode) with the weights of PATH (a folder holding best.pth, or a
+    .pth file); parser.error when they are missing or belong to another network."""
     file = os.path.join(path, "best.pth") if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise SystemExit(f"--T_model_path: no teacher weights at {file}; train one with "
-                         f"`python train.py --model {arch} --run-dir DIR` and pass DIR")
+        parser.error(f"--T_model_path: no teacher weights at {file}; train one with "
+                     f"`python train.py --model {arch} --run-dir DIR` and pass DIR")
     state = torch.load(file, map_location="cpu", weights_only=False)
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -32,12 +34,12 @@ def load_teacher(arch, path, num_classes, device):
     try:
         load_state_dict_checked(teacher, state, what=f"teacher {arch}")
     except CheckpointError as e:
-        raise SystemExit(f"--T_model_path {file}: {e}")
-    return teacher.to(device).eval()
+        parser.error(f"--T_model_path {file}: {e}")
+    return teacher.eval()
 
 
-def parser():
-    p = base_parser(__doc__)
+def get_args_parser():
+    p = base_parser(__doc__, schedule=False)
     p.add_argument("--T_model", default="resnet110", help="teacher architecture")
     p.add_argument("--T_model_path", default="", help="folder with the teacher's best.pth (default "
                                                       "./<dataset>/<num_epochs>/<T_model>V0, where train.py writes)")
@@ -50,46 +52,39 @@ def parser():
 
 
 def build(args, num_classes, teacher):
-    """The student and step(net, x, y, epoch) -> (loss, terms, out): both forwards (autocast when --amp), the loss."""
-    model = plain_network(args.model, num_classes, dropout=args.dropout)
+    """The student, the forward of student and frozen TEACHER (eval mode, no_grad) and L = CE + alpha KL_T."""
+    def forward(net, x):
+        z = net(x)
+        with torch.no_grad():
+            return {"pro": z, "teacher": teacher(x)}
 
-    def step(net, x, y, epoch):
-        with autocast(args, x.device):
-            z = net(x)
-            with torch.no_grad():
-                z_t = teacher(x)
-        loss, terms = kd_loss(z, z_t, y, args.alpha, args.temperature, args.loss)
-        return loss, terms, {"pro": z}
-
-    return model, step
+    return Method(students=None, model=plain_network(args.model, num_classes, dropout=args.dropout), forward=forward,
+                  loss=lambda out, y, epoch: kd_loss(out["pro"], out["teacher"], y, args.alpha, args.temperature,
+                                                     args.loss),
+                  select="test/net/top1", milestones=(args.num_epochs * 0.5, args.num_epochs * 0.75))
 
 
 def main(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    check_args(args)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    check_distillation_args(parser, args)
     try:
         check_arch(args.T_model, args.dataset)
     except ValueError as e:
-        p.error(f"--T_model: {e}")
-    args.schedule = [args.num_epochs * 0.5, args.num_epochs * 0.75]  # released milestones, not a flag here
-    num_classes = count_classes(args)
+        parser.error(f"--T_model: {e}")
+    train_set, test_set, num_classes = datasets(args)
     path = args.T_model_path or os.path.join(args.dataset, str(args.num_epochs), f"{args.T_model}V0")
-    device = torch.device(args.device if args.device.startswith("cuda") and torch.cuda.is_available() else "cpu")
-    if "LOCAL_RANK" in os.environ and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if args.teacher_untrained:
-        teacher = plain_network(args.T_model, num_classes).to(device).eval()
-    else:
-        teacher = load_teacher(args.T_model, path, num_classes, device)
-    if args.channels_last:
-        teacher = teacher.to(memory_format=torch.channels_last)
-    model, step = build(args, num_classes, teacher)
-
+    # a trained teacher is read before the run folder is made, so a wrong path or architecture leaves nothing behind
+    teacher = None if args.teacher_untrained else teacher_weights(parser, args.T_model, path, num_classes)
     run_dir = os.path.join(args.dataset, str(args.num_epochs), "kd",
                            f"{args.T_model}{args.model}{args.loss}{args.version}")
-    train(args, SCRIPT, None, model, step, {"method": "kd", "T_model": args.T_model}, "test/net/top1", run_dir)
+    setup = setup_run(parser, args, SCRIPT, run_dir, seed=args.seed, may_change=MAY_CHANGE)
+    if teacher is None:  # built after the seeding: a resumed smoke run gets the same teacher
+        teacher = plain_network(args.T_model, num_classes).eval()
+    teacher = setup.fast.prepare(teacher.to(setup.device))
+    return train(setup, args, build(args, num_classes, teacher), train_set, test_set)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

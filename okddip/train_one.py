@@ -8,15 +8,17 @@ ONE:    L = sum_i CE(z_i) + CE(x_m) + alpha w(e) sum_i KL_T(z_i; x_m), x_m = sum
 CL-ILR: L = sum_i CE(z_i) + alpha w(e) sum_i KL_T(z_i; mean_{j != i} z_j), trunk gradient / m.
 best.pth follows the mean of the branches' test top-1.
 """
-from common.fast import autocast
-from okddip.engine import base_parser, check_args, count_classes, default_run_dir, train
+from common.cli import run_main
+from common.options import setup_run
+from okddip.engine import (MAY_CHANGE, Method, base_parser, check_args, check_distillation_args, datasets,
+                           default_run_dir, train)
 from okddip.losses import one_loss, ramp_weight
 from okddip.models import ONEBranches
 
 SCRIPT = "okddip/train_one.py"
 
 
-def parser():
+def get_args_parser():
     p = base_parser(__doc__)
     p.add_argument("--num_branches", type=int, default=4)
     p.add_argument("--loss", default="KL", choices=["KL", "CE"])
@@ -41,38 +43,41 @@ def parser():
 
 
 def build(args, num_classes):
-    """The model and step(net, x, y, epoch) -> (loss, terms, out): forward (autocast when --amp), then the loss."""
+    """The branches (and ONE's gate) and the ONE / CL-ILR / individual loss at the epoch's ramp."""
     model = ONEBranches(args.model, num_classes, args.num_branches, ind=args.ind, avg=args.avg,
                         bpscale=args.bpscale, branch_dropout=args.branch_dropout,
                         shared_block=bool(args.densenet_shared_block), gate_bn_init=args.gate_bn_init,
                         vgg_double_pass=bool(args.vgg_double_pass))
-    ramp = lambda e: ramp_weight(e, args.num_epochs, args.start_consistency, args.length)
 
-    def step(net, x, y, epoch):
-        with autocast(args, x.device):
-            out = net(x)
-        loss, terms = one_loss(out, y, ramp(epoch), args.alpha, args.temperature, args.loss)
-        return loss, terms, out
+    def ramp(epoch):
+        return ramp_weight(epoch, args.num_epochs, args.start_consistency, args.length)
 
-    return model, step, ramp
+    def loss(out, y, epoch):
+        return one_loss(out, y, ramp(epoch), args.alpha, args.temperature, args.loss)
+
+    # the released --ind still builds the gate (unless --avg) and leaves it without gradient
+    return Method(students="one", model=model, forward=lambda net, x: net(x), loss=loss, ramp=ramp,
+                  select="test/mean/top1", milestones=tuple(args.schedule),
+                  unused_parameters=args.ind and not args.avg)
 
 
 def main(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    check_args(args)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    check_distillation_args(parser, args)
     if args.MulStu:  # the released train_one.py builds MultiNet.StuNet and then crashes unpacking its 3 outputs
-        p.error("--MulStu: the released train_one.py has no working network-based ONE (it crashes); for "
-                "network-based OKDDip use train_GL.py --MulStu")
+        parser.error("--MulStu: the released train_one.py has no working network-based ONE (it crashes); for "
+                     "network-based OKDDip use train_GL.py --MulStu")
     if args.num_branches < 2:
-        p.error(f"--num_branches {args.num_branches}: ONE/CL-ILR need at least 2 branches")
-    model, step, ramp = build(args, count_classes(args))
+        parser.error(f"--num_branches {args.num_branches}: ONE/CL-ILR need at least 2 branches")
+    train_set, test_set, num_classes = datasets(args)
     tag = f"{args.model}B{args.num_branches}T{args.temperature}I{args.ind}avg{args.avg}bpscale{args.bpscale}" \
           f"{args.version}"
-    meta = {"method": "one", "num_branches": args.num_branches, "ind": args.ind, "avg": args.avg,
-            "bpscale": args.bpscale}
-    train(args, SCRIPT, "one", model, step, meta, "test/mean/top1", default_run_dir(args, f"one/{tag}"), ramp=ramp)
+    setup = setup_run(parser, args, SCRIPT, default_run_dir(args, f"one/{tag}"), seed=args.seed,
+                      may_change=MAY_CHANGE)
+    return train(setup, args, build(args, num_classes), train_set, test_set)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

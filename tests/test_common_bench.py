@@ -8,13 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.bench import all_cases, compare_files, forward_flops, markdown_table
-from common.fast import DeviceCifarLoader
+from common.bench import _train_loader, all_cases, allocated_mb, compare_files, forward_flops, markdown_table
+from common.fast import DeviceCifarLoader, Fast
+from common.options import loader_workers
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
-# the loader workers of each script by default: the released ones (the spec's DataLoader rows); mcl's flag default,
-# which the authors' CIFAR scripts ignored (they loaded in the main process)
-DEFAULT_WORKERS = {"dcm": 4, "okddip": 8, "ffsd": 8, "mcl": 8}
+# the loader workers of each script by default: the released ones (the spec's DataLoader rows; mcl's flag default,
+# which the authors' CIFAR scripts ignored), never more than this machine's cores
+RELEASED_WORKERS = {"dcm": 4, "okddip": 8, "ffsd": 8, "mcl": 8}
 
 
 def test_forward_flops_of_cifar_resnet32_is_its_known_count():
@@ -25,9 +26,15 @@ def test_forward_flops_of_cifar_resnet32_is_its_known_count():
 
 
 def _bench_args(**over):
-    args = dict(batch=4, workers=None, data_on_device=False, channels_last=False)
+    args = dict(batch=4, workers=None, data_on_device=False, channels_last=False, amp="none", compile=False,
+                fast=False, device="cpu")
     args.update(over)
     return SimpleNamespace(**args)
+
+
+def _loader(case, root, **over):
+    args = _bench_args(**over)
+    return _train_loader(case, root, Fast.from_args(args, "cpu"), args)
 
 
 def _loader_kinds():
@@ -38,22 +45,21 @@ def _loader_kinds():
     return list(seen.values())
 
 
-@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # the released 8 workers on a 2-core machine
 @pytest.mark.parametrize("case", _loader_kinds(), ids=lambda c: f"{c.paper}-{c.method}-{c.dataset}")
 def test_every_case_feeds_its_step_from_the_scripts_own_loader(case, synthetic_root):
     assert case.train_loader is not None
     root = str(synthetic_root / "imagenet") if case.dataset == "imagenet" else str(synthetic_root)
-    loader = case.train_loader(root, torch.device("cpu"), _bench_args())
-    assert loader.num_workers == DEFAULT_WORKERS[case.paper]
-    loader = case.train_loader(root, torch.device("cpu"), _bench_args(workers=0))
-    x, y = next(iter(loader))
+    assert _loader(case, root).num_workers == loader_workers(RELEASED_WORKERS[case.paper])
+    x, y = next(iter(_loader(case, root, workers=0)))
     size = 224 if case.dataset == "imagenet" else 32
     assert x.shape == (4, 3, size, size) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert -3 < x.mean().item() < 3 and x.std().item() > 0.1  # normalised images, not raw bytes
     if case.dataset != "imagenet":
-        fast = case.train_loader(root, torch.device("cpu"), _bench_args(data_on_device=True, channels_last=True))
-        assert isinstance(fast, DeviceCifarLoader)
-        x, _ = next(iter(fast))
+        args = _bench_args(data_on_device=True, channels_last=True)
+        fast = Fast.from_args(args, "cpu")
+        loader = _train_loader(case, root, fast, args)
+        assert isinstance(loader, DeviceCifarLoader)
+        x, _ = fast.inputs(*next(iter(loader)))
         assert x.shape == (4, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -65,12 +71,22 @@ def test_bench_command_line_writes_json_and_markdown(tmp_path):
     assert run.returncode == 0, run.stderr
     (row,) = json.loads(out.read_text())
     assert (row["paper"], row["method"], row["arch"], row["batch"]) == ("ffsd", "FFSD", "resnet20", 4)
-    for key in ("train_images_per_s", "e2e_images_per_s", "eval_images_per_s", "peak_memory_mb"):
+    for key in ("train_images_per_s", "e2e_images_per_s", "eval_images_per_s", "peak_memory_mb",
+                "allocated_mb_per_step"):
         assert row[key] > 0, key
+    assert row["minor_faults_per_step"] >= 0
     # the leader: ResNet-20 (40.8 M multiply-adds) plus its TransFusion head
     assert 0.0816 < row["deployed_gflops_per_image"] < 0.09
     assert row["options"] == {"data_on_device": False, "amp": "none", "channels_last": False, "compile": False}
     assert "| ffsd | FFSD | resnet20 | 4 |" in run.stdout and "fast options: none (faithful)" in run.stdout
+
+
+def test_allocations_count_new_storage_only():
+    x = torch.zeros(1024, 256)  # 1 MiB of float32
+    assert allocated_mb(lambda: x + 1) == pytest.approx(1.0)
+    assert allocated_mb(lambda: x.add_(1)) == 0.0
+    assert allocated_mb(lambda: x.view(256, 1024)) == 0.0
+    assert allocated_mb(lambda: torch.relu(x).relu_()) == pytest.approx(1.0)
 
 
 def _row(method, train, e2e):

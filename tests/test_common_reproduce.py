@@ -72,10 +72,17 @@ def test_scales_never_share_a_run_folder(tmp_path):
     assert runs.returncode == 0 and len(runs.stdout.strip().splitlines()) == len(all_smoke_runs())
 
 
-def test_every_smoke_run_stands_for_table_rows():
-    names = {(t.id, r.name) for t in all_tables() for r in t.rows}
+def test_every_row_names_a_bench_case_and_every_smoke_run_real_rows():
+    from common.bench import all_cases
+    cases = {(c.paper, c.method, c.arch) for c in all_cases()}
+    rows = {(t.id, r.name): r for t in all_tables() for r in t.rows}
+    assert [name for name, r in rows.items() if (r.workdir, *r.bench) not in cases] == []
+    compared = set()
     for run in all_smoke_runs():
-        assert run.rows and set(run.rows) <= names, run.name
+        for key in run.rows:  # a smoke run stands only for rows of its own script
+            assert key in rows and (rows[key].workdir, rows[key].argv[0]) == (run.workdir, run.argv[0]), run.name
+            compared.add(run.workdir)
+    assert compared == {t_row.workdir for t_row in rows.values()}  # every paper's smoke is compared
 
 
 def _tiny_table(seeds_fail=()):

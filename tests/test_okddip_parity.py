@@ -206,6 +206,7 @@ def test_checker_checks_fixtures_of_other_configurations(name, tmp_path):
     assert any(n.endswith("state after the step (sum, l2)") for n in names)
 
 
+@pytest.mark.slow
 def test_checker_checks_a_resnet110_okddip_fixture_with_split_weights(tmp_path):
     path = write_fixture(tmp_path, "gl110_c100", "GL", arch="resnet110", m=4, classes=100, split=True)
     report = parity.check_fixture(path)
@@ -239,17 +240,17 @@ BRANCH_METHODS = ("baseline", "okddip", "okddip-ensemble", "one", "cl-ilr", "ind
                          [(m, "densenetd40k12") for m in BRANCH_METHODS])
 def test_float64_forward_and_loss_never_make_a_float32_tensor(method, arch):
     if method == "kd":
-        args = train_kd.parser().parse_args(["--model", arch, "--T_model", "resnet32"])
-        model, step = train_kd.build(args, 10, plain_network("resnet32", 10).double().eval())
+        args = train_kd.get_args_parser().parse_args(["--model", arch, "--T_model", "resnet32"])
+        trained = train_kd.build(args, 10, plain_network("resnet32", 10).double().eval())
     else:
         script, flags = METHODS[method]
-        args = script.parser().parse_args(["--model", arch] + (["--num_branches", "3"] if script is not train
-                                                                else []) + flags)
-        model, step = script.build(args, 10)[:2]
-    model = model.double()
+        branches = [] if script is train else ["--num_branches", "3"]
+        args = script.get_args_parser().parse_args(["--model", arch] + branches + flags)
+        trained = script.build(args, 10)
+    model = trained.model.double()
     x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
     with floating_dtypes() as seen:
-        loss, terms, out = step(model, x, y, 40)
+        loss, terms = trained.loss(trained.forward(model, x), y, 40)
         loss.backward()
     assert set(seen) == {torch.float64}, seen
     assert loss.dtype == torch.float64

@@ -27,7 +27,8 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)  # after the main path, as released
-        return self.relu(out + identity)
+        out += identity  # in place into the BN output (autograd does not keep it), never into the block's input
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -50,7 +51,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)  # after the main path, as released
-        return self.relu(out + identity)
+        out += identity  # in place, as in BasicBlock
+        return self.relu(out)
 
 
 # name -> (block, blocks per stage, base_width, imagenet?)
