@@ -18,10 +18,9 @@ import torch.nn as nn
 from common.bench import BenchCase, Built
 from common.fast import autocast, prepare_model
 from mcl import main_cifar_baseline, main_layer_mcl_cifar_meta
-from mcl.lmcl import MetaStep, train_step
-from mcl.main_layer_mcl_cifar_meta import get_parser
-from mcl.models import Aggregator, EmbedHeads, LossWeightNetwork, build_cifar_baseline, build_cifar_pair, \
-    networks_of
+from mcl.lmcl import MetaStep, make_optimizers, train_step
+from mcl.main_layer_mcl_cifar_meta import build_modules, get_parser
+from mcl.models import build_cifar_baseline, networks_of
 from mcl.train_utils import baseline_step
 
 LR, WEIGHT_DECAY = 0.1, 5e-4
@@ -65,20 +64,9 @@ def build_baseline(device, args, arch):
 def build_lmcl(device, args, arch, meta):
     torch.manual_seed(0)
     opts = get_parser().parse_args(["--arch", arch])  # the script's defaults (kd_T, tau, coefficients, times)
-    pair = build_cifar_pair(arch, 100).to(device)
-    with torch.no_grad():
-        pair.eval()
-        features, _ = pair(torch.zeros(2, 3, 32, 32, device=device))
-    rep_dim = [f[0].size(1) for f in features]
-    weight_net = LossWeightNetwork([[h.size(1) for h in f] for f in features]).to(device)
-    embed_heads = EmbedHeads(rep_dim, len(features[0]), opts.feat_dim).to(device)
-    aggregator = Aggregator(rep_dim, len(features[0])).to(device)
+    pair, embed_heads, aggregator, weight_net = build_modules(opts, device)
     forward_pair = prepare_model(pair, args)
-    optimizer = torch.optim.SGD(list(pair.parameters()) + list(embed_heads.parameters()) +
-                                list(aggregator.parameters()), lr=LR, momentum=0.9, nesterov=True,
-                                weight_decay=WEIGHT_DECAY)
-    weight_optimizer = torch.optim.SGD(weight_net.parameters(), lr=LR, momentum=0.9, nesterov=True,
-                                       weight_decay=WEIGHT_DECAY)
+    optimizer, weight_optimizer = make_optimizers(pair, embed_heads, aggregator, weight_net, opts)
     meta_step = MetaStep(pair, embed_heads, weight_net, opts)
     pair.train(), embed_heads.train(), aggregator.train()
 
@@ -87,7 +75,7 @@ def build_lmcl(device, args, arch, meta):
         train_step(forward_pair, embed_heads, aggregator, weight_net, optimizer, x, y, opts,
                    autocast=lambda: autocast(args, device))
         if meta:
-            meta_step.step(x, y, LR, weight_optimizer)
+            meta_step.step(x, y, opts.init_lr, weight_optimizer)
 
     deployed = Backbone(networks_of(pair)[0])
     return Built(step=step, deployed=deployed, models=[PairForFlops(pair)])

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from mcl.losses import at_least_fp32, distill_kl, mcl_loss, stage_ce_sum
+from common.fast import at_least_fp32
+from mcl.losses import distill_kl, mcl_loss, stage_ce_sum
 
 LOSS_LOG = (("loss", "total", 1.0), ("loss_cls", "loss_cls", 1.0), ("loss_logit_kd", "loss_logit_kd", 1.0),
             ("loss_vcl", "vcl", "alpha"), ("loss_soft_vcl", "soft_vcl", "gamma"), ("loss_icl", "icl", "beta"),
@@ -24,7 +25,7 @@ def training_loss(pair, embed_heads, aggregator, weight_net, x, y, args, contras
     """Forward everything and return every term of L = L_cls + L_kd + L_MCL (weights of the weight-net held
     constant, as in the ordinary step), plus the outputs. `contrast(embeddings, weights)` replaces the in-batch
     contrast of CIFAR when given. AUTOCAST() is the context of every module forward (bf16 on the fast path); every
-    loss term upcasts its inputs to float32 (losses.at_least_fp32)."""
+    loss term upcasts half-precision inputs to float32 (common.fast.at_least_fp32)."""
     with autocast():
         features, logits = pair(x)
     with torch.no_grad(), autocast():
@@ -48,6 +49,19 @@ def training_loss(pair, embed_heads, aggregator, weight_net, x, y, args, contras
             "aggregator_stage_weights": stage_weights, "lwn_weights": weights, "embeddings": embeddings,
             "stage_ce": stage_ce, "aggregated_ce": aggregated_ce, "loss_cls": loss_cls, "logit_kd_terms": kd_terms,
             "loss_logit_kd": loss_kd, **mcl, "total": total}
+
+
+def make_optimizers(pair, embed_heads, aggregator, weight_net, args):
+    """The scripts' two real optimizers (the virtual steps are MetaStep's own): Nesterov SGD, momentum 0.9, weight
+    decay args.weight_decay on every parameter, lr args.init_lr until the epoch's lr is set (set_lr). `optimizer`
+    updates the pair, the embed heads and the aggregator, in the authors' parameter order; `weight_optimizer` the
+    loss-weight network (its only update is the meta step's)."""
+    optimizer = torch.optim.SGD(list(pair.parameters()) + list(embed_heads.parameters()) +
+                                list(aggregator.parameters()), lr=args.init_lr, momentum=0.9, nesterov=True,
+                                weight_decay=args.weight_decay)
+    weight_optimizer = torch.optim.SGD(weight_net.parameters(), lr=args.init_lr, momentum=0.9, nesterov=True,
+                                       weight_decay=args.weight_decay)
+    return optimizer, weight_optimizer
 
 
 def train_step(pair, embed_heads, aggregator, weight_net, optimizer, x, y, args, autocast=contextlib.nullcontext):

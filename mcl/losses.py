@@ -3,23 +3,18 @@ embeddings (B x 128), S = E F^T / tau, omega the per-sample weights of the loss-
 import torch
 import torch.nn.functional as F
 
-
-def at_least_fp32(t):
-    """Half-precision outputs of the bf16 fast path (--amp bf16) are upcast before any softmax, log, KL or contrast;
-    float32 and float64 tensors pass through untouched, so the default path is unchanged bit for bit."""
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+from common.fast import at_least_fp32
 
 
-def contrast_masks(labels):
+def contrast_masks(labels, dtype):
     """P: same class and not the anchor itself; O: every column but the anchor's own index (also across networks)."""
-    off_diagonal = 1.0 - torch.eye(labels.size(0), device=labels.device)
-    positives = labels.view(-1, 1).eq(labels.view(1, -1)).float() * off_diagonal
+    off_diagonal = 1.0 - torch.eye(labels.size(0), dtype=dtype, device=labels.device)
+    positives = labels.view(-1, 1).eq(labels.view(1, -1)).to(dtype) * off_diagonal
     return positives, off_diagonal
 
 
 def weighted_supcon(similarity, weight, positives, off_diagonal):
     # C(S, w) = -1/B sum_n w_n 1/|P(n)| sum_m P_nm [S_nm - log sum_m' O_nm' exp(S_nm')]
-    positives, off_diagonal = positives.to(similarity.dtype), off_diagonal.to(similarity.dtype)
     log_prob = similarity - torch.log((torch.exp(similarity) * off_diagonal).sum(1, keepdim=True))
     mean_log_prob_pos = (positives * log_prob).sum(1) / positives.sum(1)
     return -(weight * mean_log_prob_pos).mean()
@@ -48,7 +43,7 @@ def mcl_loss(embeddings, weights, labels, tau=0.1, T=3.0, alpha=0.1, gamma=1.0, 
     the (j, i) half repeats the (i, j) half exactly, so the totals are twice the 9-combination sums."""
     embeddings = [[at_least_fp32(e) for e in net] for net in embeddings]
     weights = [at_least_fp32(w) for w in weights]
-    positives, off_diagonal = contrast_masks(labels)
+    positives, off_diagonal = contrast_masks(labels, embeddings[0][0].dtype)
     totals = [0.0, 0.0, 0.0, 0.0]
     breakdown = []
     count = 0

@@ -6,6 +6,7 @@ main_cifar_baseline.py: shuffled batches of 128, Nesterov SGD, wd 5e-4, epoch-wi
 import argparse
 import os
 import signal
+from functools import partial
 
 import numpy as np
 import torch
@@ -17,8 +18,8 @@ from common.fast import DeviceCifarLoader, add_fast_args, autocast, prepare_mode
 from common.logging import FiniteGuard, RunLogger, add_common_args
 from common.meters import AccuracyMeter, Timer
 from mcl.models import CIFAR_BASELINES, build_cifar_baseline
-from mcl.train_utils import LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, baseline_step, check_positive, evaluate_single, \
-    lr_at_epoch, set_lr
+from mcl.train_utils import LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, baseline_step, build_as_released, check_positive, \
+    evaluate_single, lr_at_epoch, set_lr
 
 SCRIPT = "mcl/main_cifar_baseline.py"
 
@@ -68,7 +69,8 @@ def main(argv=None):
     np.random.seed(args.manual_seed)
     torch.manual_seed(args.manual_seed)
     try:
-        model = build_cifar_baseline(args.arch, 100)
+        # the authors' probe is drawn (so the augmentation draws follow theirs) but its output is not needed here
+        model, _ = build_as_released(partial(build_cifar_baseline, args.arch, 100), (1, 3, 32, 32))
     except ValueError as e:
         parser.error(str(e))
     if args.run_dir is None:

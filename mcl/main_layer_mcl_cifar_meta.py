@@ -11,6 +11,7 @@ loss-weight network, networks left as they were). Epoch-wise cosine lr shared by
 import argparse
 import os
 import signal
+from functools import partial
 
 import numpy as np
 import torch
@@ -21,10 +22,10 @@ from common.data import ClassBalancedSampler, cifar_datasets, cifar_test_transfo
 from common.fast import DeviceCifarLoader, add_fast_args, autocast, prepare_model, resolve_fast_args
 from common.logging import FiniteGuard, RunLogger, add_common_args
 from common.meters import AccuracyMeter, Timer
-from mcl.lmcl import LOSS_LOG, MetaStep, train_step
+from mcl.lmcl import LOSS_LOG, MetaStep, make_optimizers, train_step
 from mcl.models import CIFAR_PAIRS, Aggregator, EmbedHeads, LossWeightNetwork, build_cifar_pair
-from mcl.train_utils import LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, check_positive, evaluate_pair, head_names, \
-    lr_at_epoch, set_lr
+from mcl.train_utils import LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, build_as_released, check_positive, evaluate_pair, \
+    head_names, lr_at_epoch, set_lr
 
 SCRIPT = "mcl/main_layer_mcl_cifar_meta.py"
 
@@ -81,6 +82,25 @@ def cifar_loaders(args, device):
             make_loader(test_set, args.batch_size, workers=args.num_workers, pin_memory=pin), sampler)
 
 
+def build_modules(args, device):
+    """The pair and its loss-side modules from the seeded RNG in the authors' order: the pair (build_as_released),
+    their width probe through it in eval mode, then the loss-weight network, the embed heads and the aggregator.
+    Sets args.number_stage, args.rep_dim and args.feat_dims from the probe, as they do. Returns (pair, embed_heads,
+    aggregator, weight_net)."""
+    pair, probe = build_as_released(partial(build_cifar_pair, args.arch, 100, args.number_net), (1, 3, 32, 32))
+    pair = pair.to(device)
+    with torch.no_grad():
+        pair.eval()
+        features, _ = pair(probe.to(device))
+    args.number_stage = len(features[0])
+    args.rep_dim = [f[0].size(1) for f in features]  # every head of a network is as wide as its first (spec 5.2-7)
+    args.feat_dims = [[h.size(1) for h in f] for f in features]
+    weight_net = LossWeightNetwork(args.feat_dims).to(device)
+    embed_heads = EmbedHeads(args.rep_dim, args.number_stage, args.feat_dim).to(device)
+    aggregator = Aggregator(args.rep_dim, args.number_stage).to(device)
+    return pair, embed_heads, aggregator, weight_net
+
+
 def main(argv=None):
     parser = get_parser()
     args = resolve_fast_args(parser.parse_args(argv))
@@ -92,44 +112,30 @@ def main(argv=None):
         parser.error("--num-workers must be >= 0")
     np.random.seed(args.manual_seed)
     torch.manual_seed(args.manual_seed)
+    device = torch.device(args.device)
     try:
-        pair = build_cifar_pair(args.arch, 100, args.number_net)
+        pair, embed_heads, aggregator, weight_net = build_modules(args, device)
     except ValueError as e:
         parser.error(str(e))
     if args.run_dir is None:
         args.run_dir = os.path.join(args.checkpoint_dir, f"main_layer_mcl_cifar_meta_arch_{args.arch}_dataset_"
                                                          f"{args.dataset}_seed{args.manual_seed}")
-    device = torch.device(args.device)
 
     train_loader, test_loader, sampler = cifar_loaders(args, device)
-
-    pair = pair.to(device)
-    with torch.no_grad():  # widths of every head, as the authors derive them (a zero probe consumes no RNG)
-        pair.eval()
-        features, _ = pair(torch.zeros(2, 3, 32, 32, device=device))
-    args.number_stage = len(features[0])
-    rep_dim = [f[0].size(1) for f in features]
-    feat_dims = [[h.size(1) for h in f] for f in features]
-    weight_net = LossWeightNetwork(feat_dims).to(device)
-    embed_heads = EmbedHeads(rep_dim, args.number_stage, args.feat_dim).to(device)
-    aggregator = Aggregator(rep_dim, args.number_stage).to(device)
-    names = head_names(len(features), args.number_stage)
+    number_net = len(args.rep_dim)
+    names = head_names(number_net, args.number_stage)
     # the pair as called in the ordinary step and the test (channels_last / compiled on the fast path); `pair` stays
     # the plain module: checkpoints, the meta step (never compiled) and the optimizers use it
     forward_pair = prepare_model(pair, args)
 
-    optimizer = torch.optim.SGD(list(pair.parameters()) + list(embed_heads.parameters()) +
-                                list(aggregator.parameters()), lr=args.init_lr, momentum=0.9, nesterov=True,
-                                weight_decay=args.weight_decay)
-    weight_optimizer = torch.optim.SGD(weight_net.parameters(), lr=args.init_lr, momentum=0.9, nesterov=True,
-                                       weight_decay=args.weight_decay)
+    optimizer, weight_optimizer = make_optimizers(pair, embed_heads, aggregator, weight_net, args)
     meta = MetaStep(pair, embed_heads, weight_net, args, exact=args.fixed_meta_grad)
     modules = {"net": pair, "criterion_mcl": embed_heads, "aggregator": aggregator, "loss_weight_network": weight_net}
 
     logger = RunLogger(args.run_dir, args, script=SCRIPT, quiet=args.quiet, device=device)
     ckpt_path = os.path.join(args.run_dir, CHECKPOINT_NAME)
     best_path = os.path.join(args.run_dir, "best.pt")
-    run_meta = {"script": SCRIPT, "arch": args.arch, "number_net": len(features), "fixed_meta_grad": args.fixed_meta_grad}
+    run_meta = {"script": SCRIPT, "arch": args.arch, "number_net": number_net, "fixed_meta_grad": args.fixed_meta_grad}
     n_params = sum(p.numel() for p in pair.parameters())
     logger.print(f"Arch: {args.arch}, Params: {n_params / 1e6:.2f}M (pair with auxiliary branches)")
 
@@ -141,7 +147,7 @@ def main(argv=None):
         logger.print(" ".join(f"{k} {v:.4f}" for k, v in record.items()))
         return record
 
-    start_epoch, epoch_resume, best = 0, None, {"acc": -1.0, "per_net": [-1.0] * len(features), "epoch": 0}
+    start_epoch, epoch_resume, best = 0, None, {"acc": -1.0, "per_net": [-1.0] * number_net, "epoch": 0}
     if args.resume and os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, expect_meta=run_meta, map_location=device, restore_rng=True)
         for key, module in modules.items():

@@ -20,7 +20,7 @@ from common.checkpoint import CHECKPOINT_NAME, ResumableEpoch, load_checkpoint, 
 from common.distributed import cleanup, init_distributed, wrap_ddp
 from common.logging import FiniteGuard, RunLogger, add_common_args
 from common.meters import Timer, topk_correct
-from mcl.lmcl import LOSS_LOG, training_loss
+from mcl.lmcl import LOSS_LOG, make_optimizers, training_loss
 from mcl.memory_bank import ContrastiveIndices, MemoryBank, MemoryBankContrast, MemoryBankMetaStep
 from mcl.models import IMAGENET_PAIRS, Aggregator, EmbedHeads, LossWeightNetwork, build_imagenet_pair
 from mcl.train_utils import add_imagenet_args, check_positive, evaluate_heads, head_names, imagenet_data, \
@@ -104,11 +104,7 @@ def main(argv=None):
     ddp_pair, ddp_embed, ddp_aggregator = (wrap_ddp(m, ctx) for m in (pair, embed_heads, aggregator))
     names = head_names(len(features), args.number_stage)
 
-    optimizer = torch.optim.SGD(list(pair.parameters()) + list(embed_heads.parameters()) +
-                                list(aggregator.parameters()), lr=args.init_lr, momentum=0.9, nesterov=True,
-                                weight_decay=args.weight_decay)
-    weight_optimizer = torch.optim.SGD(weight_net.parameters(), lr=args.init_lr, momentum=0.9, nesterov=True,
-                                       weight_decay=args.weight_decay)
+    optimizer, weight_optimizer = make_optimizers(pair, embed_heads, aggregator, weight_net, args)
     meta = MemoryBankMetaStep(pair, embed_heads, weight_net, memory, args, ctx, exact=args.fixed_meta_grad)
     modules = {"net": pair, "criterion_mcl": embed_heads, "aggregator": aggregator, "loss_weight_network": weight_net,
                "memory": memory}

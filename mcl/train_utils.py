@@ -6,11 +6,21 @@ import math
 import torch
 import torch.nn.functional as F
 
+from common.fast import at_least_fp32
 from common.meters import AccuracyMeter
-from mcl.losses import at_least_fp32
 
 # The authors' CIFAR-100 normalisation (its digits differ from common.data's CIFAR100_MEAN/STD)
 LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+
+
+def build_as_released(make_model, probe_shape):
+    """MAKE_MODEL() drawn from the seeded RNG as the authors' CIFAR scripts draw it: built once for their parameter /
+    FLOP log line and discarded, built again (the model that is trained), then their torch.randn width probe of
+    PROBE_SHAPE, on the CPU. Returns (model, probe); every later seeded draw (loss-side modules, augmentation) is then
+    the authors' too (tests/test_mcl.py checks the shipped fixture's weights bit for bit)."""
+    make_model()
+    model = make_model()
+    return model, torch.randn(probe_shape)
 
 
 def lr_at_epoch(args, epoch):

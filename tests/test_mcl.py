@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from common.logging import read_log
-from conftest import REPO, SHARED_FIXTURES, paper_fixtures
+from common.parity import floating_dtypes
+from conftest import REPO, shared_file
+from mcl.lmcl import MetaStep, make_optimizers, train_step
 from mcl.losses import mcl_loss
+from mcl.main_layer_mcl_cifar_meta import build_modules, get_parser
 from mcl.models import Aggregator, EmbedHeads, LossWeightNetwork, build_cifar_baseline, build_cifar_pair, networks_of
-from mcl.parity import check_fixture
-
-FINGERPRINTS = sorted((SHARED_FIXTURES / "mcl").glob("*.json")) if (SHARED_FIXTURES / "mcl").is_dir() else []
-NO_SHARED = "shared fixtures folder ../shared/fixtures/mcl is absent"
+from mcl.parity import check
+from mcl.train_utils import baseline_step
 
 
 def count(module):
@@ -29,30 +30,35 @@ PARAMS = {"resnet32": (472756, 809096), "resnet56": (861620, 1475208), "resnet11
           "hcgnet_A1": (1102651, 1478429), "hcgnet_A2": (3133679, 4114546)}
 
 
+def layout(module):
+    return [[k, list(v.shape)] for k, v in module.state_dict().items()]
+
+
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_parameter_counts_match_the_authors_models(name):
-    pair = build_cifar_pair(f"lmcl_{name}_cifar")
-    net = networks_of(pair)[0]
+    with torch.device("meta"):  # shapes only: no memory, no init
+        net = networks_of(build_cifar_pair(f"lmcl_{name}_cifar"))[0]
+        baseline = build_cifar_baseline(f"{name}_cifar")
     assert (count(net.backbone), count(net.auxiliary_classifier)) == PARAMS[name]
-    assert count(build_cifar_baseline(f"{name}_cifar")) == PARAMS[name][0]  # the baseline is the deployed backbone
+    assert count(baseline) == PARAMS[name][0]  # the baseline is the deployed backbone
 
 
-@pytest.mark.skipif(not FINGERPRINTS, reason=NO_SHARED)
-@pytest.mark.parametrize("path", FINGERPRINTS, ids=lambda p: p.stem)
-def test_state_dict_layout_and_loss_modules_match_fingerprint(path):
-    spec = json.loads(path.read_text())
-    pair = build_cifar_pair(spec["arch"])
-    assert [[k, list(v.shape)] for k, v in pair.state_dict().items()] == spec["state_dict"]["net"]
-    with torch.no_grad():
+def test_state_dict_layout_and_loss_modules_match_fingerprint(mcl_fingerprint):
+    """Every CIFAR pair of the script against the authors' fingerprint: state-dict keys, shapes and order, forward
+    shapes, widths, the loss-side modules, every parameter count."""
+    spec = json.loads(mcl_fingerprint.read_text())
+    with torch.device("meta"):
+        pair = build_cifar_pair(spec["arch"])
         features, logits = pair.eval()(torch.zeros(2, 3, 32, 32))
+        rep_dim = [f[0].size(1) for f in features]
+        modules = {"criterion_mcl": EmbedHeads(rep_dim, 3), "aggregator": Aggregator(rep_dim, 3),
+                   "loss_weight_network": LossWeightNetwork(spec["feat_dims"])}
+    assert layout(pair) == spec["state_dict"]["net"]
     assert [[list(h.shape) for h in f] for f in features] == spec["forward"]["embeddings_shapes"]
     assert [[list(z.shape) for z in n] for n in logits] == spec["forward"]["logits_shapes"]
-    rep_dim = [f[0].size(1) for f in features]
-    assert rep_dim == spec["rep_dim"]
-    modules = {"criterion_mcl": EmbedHeads(rep_dim, 3), "aggregator": Aggregator(rep_dim, 3),
-               "loss_weight_network": LossWeightNetwork(spec["feat_dims"])}
+    assert rep_dim == spec["rep_dim"] and [[h.size(1) for h in f] for f in features] == spec["feat_dims"]
     for key, module in modules.items():
-        assert [[k, list(v.shape)] for k, v in module.state_dict().items()] == spec["state_dict"][key]
+        assert layout(module) == spec["state_dict"][key]
     counts = spec["param_counts"]
     assert count(pair) == counts["pair_total"]
     assert count(modules["criterion_mcl"]) == counts["criterion_mcl_embed_heads"]
@@ -61,6 +67,108 @@ def test_state_dict_layout_and_loss_modules_match_fingerprint(path):
     for net, (prefix, split) in zip(networks_of(pair), counts["per_network"].items()):
         assert (count(net.backbone), count(net.auxiliary_classifier)) == (split["deployed_backbone"],
                                                                           split["auxiliary_branches"])
+
+
+def default_init_draws(build):
+    """Names of the parameters in the order PyTorch's default init draws them from the RNG while BUILD() runs."""
+    drawn = []
+    originals = {name: getattr(torch.nn.init, name) for name in ("kaiming_uniform_", "uniform_")}
+
+    def recording(init):
+        def draw(tensor, *args, **kwargs):
+            if not drawn or drawn[-1] is not tensor:  # the meta device's mode re-enters the call once
+                drawn.append(tensor)
+            return init(tensor, *args, **kwargs)
+        return draw
+    try:
+        for name, init in originals.items():
+            setattr(torch.nn.init, name, recording(init))
+        with torch.device("meta"):
+            module = build()
+    finally:
+        for name, init in originals.items():
+            setattr(torch.nn.init, name, init)
+    names = {id(p): k for k, p in module.named_parameters()}
+    return [names[id(t)] for t in drawn]
+
+
+def authors_draw_order(keys):
+    """The order in which the authors' seeded default init draws the conv/linear parameters of a state dict with
+    KEYS: their model files build every module in state-dict order, except that a ResNet block's projection shortcut
+    (`downsample`) is built before the block it is passed into (the shipped fixture's weights confirm it for
+    ResNet-32: test_seeded_modules_are_the_authors_initial_weights)."""
+    batch_norms = {k.rsplit(".", 1)[0] for k in keys if k.endswith("running_mean")}
+    drawn = [k for k in keys if k.endswith((".weight", ".bias")) and k.rsplit(".", 1)[0] not in batch_norms]
+    order = []
+    for k in drawn:
+        block, _, rest = k.partition(".downsample.")
+        if rest:  # move it before the block's first drawn parameter
+            first = next(i for i, o in enumerate(order) if o.startswith(block + "."))
+            order.insert(first, k)
+        else:
+            order.append(k)
+    return order
+
+
+def test_construction_draws_the_initial_weights_in_the_authors_order(mcl_fingerprint):
+    """Ours draws the conv/linear weights and biases from the seeded RNG in the authors' order (the later
+    re-initialisation of ResNet/WRN convs walks the modules in state-dict order in both)."""
+    spec = json.loads(mcl_fingerprint.read_text())
+    expected = authors_draw_order([k for k, _ in spec["state_dict"]["net"]])
+    assert default_init_draws(lambda: build_cifar_pair(spec["arch"])) == expected
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_baseline_keys_are_the_deployed_backbone_keys(name):
+    """spec 4: a baseline holds the pair's backbone keys, with ResNet's `fc` named `classifier` and HCGNet's blocks
+    nested under `features.` (WRN and ShuffleNetV2 keys are the same)."""
+    spec = json.loads(shared_file("mcl", f"lmcl_{name}_cifar.json").read_text())
+    prefix = "module_list.0.backbone."
+    backbone = [[k[len(prefix):], shape] for k, shape in spec["state_dict"]["net"] if k.startswith(prefix)]
+    if name.startswith("resnet"):
+        backbone = [[k.replace("fc.", "classifier.", 1) if k.startswith("fc.") else k, s] for k, s in backbone]
+    if name.startswith("hcgnet"):
+        backbone = [[k if k.startswith(("features.", "classifier.")) else "features." + k, s] for k, s in backbone]
+    with torch.device("meta"):
+        baseline = build_cifar_baseline(f"{name}_cifar")
+    assert layout(baseline) == backbone
+
+
+def test_seeded_modules_are_the_authors_initial_weights():
+    """With --manual_seed 0 the script draws exactly the authors' initial pair, embed heads, aggregator and weight
+    network: the shipped fixture stores theirs rounded to the fp16 grid."""
+    from mcl.parity import read
+    fixture, state = read(shared_file("mcl", "lmcl_resnet32_cifar_fixture.pt"))
+    args = get_parser().parse_args(["--arch", fixture["args"]["arch"]])
+    torch.manual_seed(fixture["args"]["manual_seed"])
+    modules = build_modules(args, torch.device("cpu"))
+    refs = (state, fixture["weights"]["criterion_mcl"], fixture["weights"]["aggregator"],
+            fixture["weights"]["loss_weight_network"])
+    for module, ref in zip(modules, refs):
+        ours = module.state_dict()
+        assert list(ours) == list(ref)
+        for k, v in ref.items():
+            assert torch.equal(ours[k].half().float() if v.is_floating_point() else ours[k],
+                               v.float() if v.is_floating_point() else v), k
+    assert (args.rep_dim, args.feat_dims) == (fixture["args"]["rep_dim"], fixture["args"]["feat_dims"])
+
+
+def test_float64_forward_loss_and_meta_step_never_make_a_float32_tensor():
+    torch.manual_seed(0)
+    args = get_parser().parse_args(["--times", "1"])  # one virtual step of each kind (MCL, CE): every code path
+    pair = build_cifar_pair(args.arch).double().train()
+    embed, aggregator, weight_net = (m.double() for m in (EmbedHeads([64, 64], 3), Aggregator([64, 64], 3),
+                                                          LossWeightNetwork([[64] * 3] * 2)))
+    optimizer, weight_optimizer = make_optimizers(pair, embed, aggregator, weight_net, args)
+    baseline = build_cifar_baseline("resnet32_cifar").double().train()
+    baseline_optimizer = torch.optim.SGD(baseline.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([3, 3])
+    with floating_dtypes() as seen:
+        out = train_step(pair, embed, aggregator, weight_net, optimizer, x, y, args)
+        MetaStep(pair, embed, weight_net, args).step(x, y, 0.1, weight_optimizer)
+        loss, _ = baseline_step(baseline, baseline_optimizer, x, y)
+    assert set(seen) == {torch.float64}, seen
+    assert out["total"].dtype == loss.dtype == torch.float64
 
 
 def test_bad_architecture_names_and_depths_are_explained():
@@ -108,22 +216,21 @@ def test_training_loss_falls_on_a_fixed_batch():
     assert losses[-1] < losses[0]
 
 
-_FIXTURES_DIR, FIXTURES = paper_fixtures("mcl")
-
-
-@pytest.mark.skipif(not FIXTURES, reason=NO_SHARED)
-@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.stem)
-def test_parity_outputs_losses_and_main_step(path):
-    report = check_fixture(path, meta=False)
-    assert report.ok, [r for r in report.rows if not r[3]]
+def test_parity_fixture(mcl_fixture):
+    """The authors' fixture: every float32 item with tolerances from our measured rounding, every float64 item
+    against their float64 reference, the meta step included (its exact hypergradient: the CLI test below)."""
+    report = check(mcl_fixture, exact=False)
+    assert report.ok, report.format()
+    assert "float64.meta.hypergradient (original)" in [i.name for i in report.items if i.status == "ok"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FIXTURES, reason=NO_SHARED)
-def test_parity_checker_cli_including_meta_step():
+def test_parity_checker_cli():
+    """python -m mcl.parity: every item of every fixture, the exact hypergradient included."""
+    shared_file("mcl", "lmcl_resnet32_cifar_fixture.pt")
     result = subprocess.run([sys.executable, "-m", "mcl.parity"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "float64.meta.hypergradient (original)" in result.stdout
+    assert "float64.meta.hypergradient (exact)" in result.stdout and "fixtures match" in result.stdout
 
 
 def run_script(script, args, cwd=REPO / "mcl", env=None, check=True):

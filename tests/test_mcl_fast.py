@@ -8,6 +8,7 @@ import torch
 
 from common.data import ClassBalancedSampler
 from common.fast import DeviceCifarLoader, autocast, prepare_model
+from common.parity import F64, Report
 from common.logging import read_log
 from mcl.lmcl import training_loss
 from mcl.models import Aggregator, EmbedHeads, LossWeightNetwork, build_cifar_baseline, build_cifar_pair
@@ -33,12 +34,16 @@ def fixture_batch(batch=16):
 ARGS = SimpleNamespace(kd_T=3.0, tau=0.1, alpha=0.1, gamma=1.0, beta=0.1, lam=1.0)
 
 
-def losses_of(fast_args, amp=False, dtype=torch.float32):
+def losses_of(fast_args, amp=False, dtype=torch.float32, reverse=False):
+    """Loss terms and the pair's flattened gradient for the fixture batch (REVERSE: the batch in reverse order, the
+    same math summed in another order)."""
     pair, embed, aggregator, weight_net = (m.to(dtype) for m in lmcl_modules())
     pair.train()
     forward = prepare_model(pair, fast_args)
     x, y = fixture_batch()
     x = x.to(dtype)
+    if reverse:
+        x, y = x.flip(0), y.flip(0)
     if fast_args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     out = training_loss(forward, embed, aggregator, weight_net, x, y, ARGS,
@@ -48,30 +53,39 @@ def losses_of(fast_args, amp=False, dtype=torch.float32):
     return {k: out[k].detach().double() for k in TERMS}, grad
 
 
+PLAIN = SimpleNamespace(channels_last=False, compile=False)
+CHANNELS_LAST = SimpleNamespace(channels_last=True, compile=False)
+
+
 def test_channels_last_gives_the_same_losses_and_gradients():
-    plain, _ = losses_of(SimpleNamespace(channels_last=False, compile=False))
-    fast, _ = losses_of(SimpleNamespace(channels_last=True, compile=False))
+    """channels_last picks other kernels. In float64 both layouts must give the same losses and gradients to float64
+    rounding (the same math); in float32 the channels_last losses must be within the tolerance that the parity rule
+    (common.parity) derives from the measured float32 rounding of the plain layout (its batch in both orders)."""
+    plain64, grad_plain = losses_of(PLAIN, dtype=torch.float64)
+    fast64, grad_fast = losses_of(CHANNELS_LAST, dtype=torch.float64)
     for k in TERMS:
-        assert torch.allclose(plain[k], fast[k], rtol=1e-5, atol=1e-6), (k, plain[k], fast[k])
-    # gradients in float64: in float32 the two memory layouts sum in other orders and the BatchNorm gradients of a
-    # freshly initialised 32-layer network amplify that to ~1e-2 relative (mcl/README.md "Parity"), which says
-    # nothing about the math; in float64 the layouts must agree to rounding
-    _, grad_plain = losses_of(SimpleNamespace(channels_last=False, compile=False), dtype=torch.float64)
-    _, grad_fast = losses_of(SimpleNamespace(channels_last=True, compile=False), dtype=torch.float64)
-    assert (grad_plain - grad_fast).norm() / grad_plain.norm() < 1e-10
+        assert abs(fast64[k] - plain64[k]) <= F64["loss"] * abs(plain64[k]), (k, plain64[k], fast64[k])
+    assert (grad_plain - grad_fast).norm() / grad_plain.norm() < F64["output"]
+    plain32, _ = losses_of(PLAIN)
+    reversed32, _ = losses_of(PLAIN, reverse=True)
+    fast32, _ = losses_of(CHANNELS_LAST)
+    report = Report("channels_last against the plain layout")
+    report.entries("losses", {k: (plain32[k], fast32[k], plain64[k]) for k in TERMS}, shared_spread=True,
+                   also={k: [reversed32[k]] for k in TERMS})
+    assert report.ok, report.format()
 
 
 @pytest.mark.slow
 def test_compile_gives_the_same_losses():
-    plain, _ = losses_of(SimpleNamespace(channels_last=False, compile=False))
+    plain, _ = losses_of(PLAIN)
     fast, _ = losses_of(SimpleNamespace(channels_last=True, compile=True))
     for k in TERMS:
         assert torch.allclose(plain[k], fast[k], rtol=1e-4, atol=1e-5), (k, plain[k], fast[k])
 
 
 def test_bf16_autocast_stays_close_to_fp32_and_losses_are_fp32():
-    fp32, _ = losses_of(SimpleNamespace(channels_last=False, compile=False))
-    bf16, _ = losses_of(SimpleNamespace(channels_last=False, compile=False), amp=True)
+    fp32, _ = losses_of(PLAIN)
+    bf16, _ = losses_of(PLAIN, amp=True)
     assert torch.isfinite(bf16["total"])
     assert abs(bf16["total"] - fp32["total"]) / fp32["total"] < BF16_RTOL
     for k in ("loss_cls", "loss_logit_kd", "icl", "vcl"):
@@ -105,6 +119,7 @@ def test_device_loader_keeps_the_class_balanced_batches():
         assert torch.equal(y[0::2], y[1::2]) and len(set(y.tolist())) == 4  # 4 classes x 2 images
 
 
+@pytest.mark.slow  # two script runs (~15 s); the device loader itself is tested above
 def test_lmcl_and_baseline_run_with_data_on_device(synthetic_root, tmp_path):
     from test_mcl import BASELINE_SMOKE, LMCL_SMOKE, run_script
     run = tmp_path / "lmcl"

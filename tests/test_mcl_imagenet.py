@@ -48,6 +48,63 @@ def test_imagenet_parameter_counts_match_the_spec_table():
     assert [[z.shape[1] for z in n] for n in logits] == [[10] * 4] * 2 and len(networks_of(pair)) == 2
 
 
+# Keys and shapes read in the authors' models/lmcl_resnet_imagenet.py and lmcl_shufflenetv2_imagenet.py (no
+# fingerprint exists): torchvision names in the backbone, `block_extractor<m>` = Sequential of one-block stages
+# (ResNet) or of stages + 1x1 conv + BN + ReLU (ShuffleNetV2), `fc<m>` classifiers. Entries per network, counted by
+# hand from their files (a BN holds 5 entries): ResNet-18 122 + 114 (BasicBlock 12, with projection 18; three
+# branches of 3 + 2 + 1 one-block stages with projections, 3 classifiers), ResNet-34 218 + 114, ResNet-50 320 + 150
+# (Bottleneck 18, with projection 24), ShuffleNetV2 338 + 492 (DownBlock 30, BasicBlock 18).
+IMAGENET_LAYOUTS = {
+    "resnet18": (236, {"backbone.conv1.weight": [64, 3, 7, 7], "backbone.layer4.1.bn2.running_var": [512],
+                       "backbone.fc.weight": [1000, 512],
+                       "auxiliary_classifier.block_extractor1.0.0.downsample.0.weight": [128, 64, 1, 1],
+                       "auxiliary_classifier.block_extractor1.2.0.conv2.weight": [512, 512, 3, 3],
+                       "auxiliary_classifier.block_extractor2.1.0.conv1.weight": [512, 256, 3, 3],
+                       "auxiliary_classifier.block_extractor3.0.0.bn2.num_batches_tracked": [],
+                       "auxiliary_classifier.fc3.bias": [1000]}),
+    "resnet34": (332, {"backbone.layer3.5.conv2.weight": [256, 256, 3, 3],
+                       "auxiliary_classifier.block_extractor2.0.0.downsample.1.running_mean": [256]}),
+    "resnet50": (470, {"backbone.layer1.0.downsample.0.weight": [256, 64, 1, 1],
+                       "auxiliary_classifier.block_extractor1.0.0.conv1.weight": [128, 256, 1, 1],
+                       "auxiliary_classifier.block_extractor1.0.0.conv3.weight": [512, 128, 1, 1],
+                       "auxiliary_classifier.block_extractor3.0.0.downsample.0.weight": [2048, 1024, 1, 1],
+                       "auxiliary_classifier.fc1.weight": [1000, 2048]}),
+    "ShuffleNetV2_1x": (830, {"backbone.conv1.weight": [24, 3, 3, 3], "backbone.layer1.0.conv1.weight": [24, 1, 3, 3],
+                               "backbone.layer3.3.bn3.bias": [232], "backbone.conv2.weight": [1024, 464, 1, 1],
+                               "backbone.linear.weight": [1000, 1024],
+                               "auxiliary_classifier.block_extractor1.0.0.conv1.weight": [24, 1, 3, 3],
+                               "auxiliary_classifier.block_extractor1.2.1.conv2.weight": [232, 1, 3, 3],
+                               "auxiliary_classifier.block_extractor1.3.weight": [1024, 464, 1, 1],
+                               "auxiliary_classifier.block_extractor1.4.running_var": [1024],
+                               "auxiliary_classifier.block_extractor2.0.7.conv3.weight": [116, 116, 1, 1],
+                               "auxiliary_classifier.block_extractor2.2.weight": [1024, 464, 1, 1],
+                               "auxiliary_classifier.block_extractor3.1.weight": [1024, 464, 1, 1],
+                               "auxiliary_classifier.fc3.weight": [1000, 1024]}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGENET_LAYOUTS))
+def test_imagenet_state_dict_keys_are_the_authors(name):
+    entries, keys = IMAGENET_LAYOUTS[name]
+    with torch.device("meta"):
+        pair = build_imagenet_pair(f"lmcl_{name}_imagenet")
+    state = {k: list(v.shape) for k, v in pair.state_dict().items()}
+    assert len(state) == 2 * entries
+    for key, shape in keys.items():
+        for i in (0, 1):
+            assert state[f"module_list.{i}.{key}"] == shape, key
+
+
+def test_imagenet_resnet_auxiliary_classifiers_keep_pytorchs_default_init():
+    """The authors' ResNet Auxiliary_Classifier re-initialises convs and BNs only: fc biases stay U(-1/sqrt(d),
+    1/sqrt(d)), not zero (their models/lmcl_resnet_imagenet.py)."""
+    torch.manual_seed(0)
+    aux = IMAGENET_AUXILIARY["resnet18"](num_classes=10).auxiliary_classifier
+    bound = 1 / 512 ** 0.5
+    for fc in (aux.fc1, aux.fc2, aux.fc3):
+        assert fc.bias.abs().max() <= bound and fc.bias.abs().min() > 0 and fc.bias.std() > bound / 4
+
+
 class Labels(torch.utils.data.Dataset):
     targets = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]
 

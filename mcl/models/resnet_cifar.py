@@ -85,12 +85,7 @@ class ResNetCIFAR(nn.Module):
         self.layer3 = make_layer(block, 32 * block.expansion, 64, n, 2)
         self.feature_dim = 64 * block.expansion
         setattr(self, classifier_name, nn.Linear(self.feature_dim, num_classes))
-        for m in self.modules():  # Kaiming normal (fan_out) convs, BN 1/0; Linear keeps PyTorch's default
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_kaiming(self)
 
     def forward(self, x, return_stages=False):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -101,6 +96,16 @@ class ResNetCIFAR(nn.Module):
         if return_stages:
             return [f1, f2], pooled, logits
         return pooled, logits
+
+
+def init_kaiming(module):
+    """Kaiming normal (fan_out, ReLU gain) convs, BN 1/0; Linear layers keep PyTorch's default init."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def init_auxiliary(module):

@@ -8,7 +8,7 @@ wide as the backbone's final feature (512 for ResNet-18/34, 2048 for ResNet-50).
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mcl.models.resnet_cifar import BasicBlock, Bottleneck, init_auxiliary, make_layer
+from mcl.models.resnet_cifar import BasicBlock, Bottleneck, init_kaiming, make_layer
 
 DEPTHS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3))}
 WIDTHS = (64, 128, 256, 512)
@@ -36,12 +36,7 @@ class ResNetImageNet(nn.Module):
         self.layer4 = make_layer(block, 256 * e, 512, blocks[3], 2)
         self.feature_dim = 512 * e
         self.fc = nn.Linear(self.feature_dim, num_classes)
-        for m in self.modules():  # Kaiming normal (fan_out) convs, BN 1/0, no zero-init of the last BN of a block
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_kaiming(self)  # no zero-init of the last BN of a block (the authors' zero_init_residual=False)
 
     def forward(self, x, return_stages=False):
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
@@ -70,7 +65,7 @@ class ResNetImageNetAuxiliaryBranches(nn.Module):
         self.fc1 = nn.Linear(512 * e, num_classes)
         self.fc2 = nn.Linear(512 * e, num_classes)
         self.fc3 = nn.Linear(512 * e, num_classes)
-        init_auxiliary(self)
+        init_kaiming(self)  # as the backbone: the classifiers keep PyTorch's default init, biases included
 
     def forward(self, stages):
         extractors = (self.block_extractor1, self.block_extractor2, self.block_extractor3)

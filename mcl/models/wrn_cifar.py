@@ -62,7 +62,7 @@ class WideResNetCIFAR(nn.Module):
         f1 = self.block1(self.conv1(x))
         f2 = self.block2(f1)
         out = F.relu(self.bn1(self.block3(f2)))
-        pooled = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        pooled = F.avg_pool2d(out, 8).flatten(1)  # the authors' fixed 8x8 pool (CIFAR maps)
         logits = self.fc(pooled)
         if return_stages:
             return [f1, f2], pooled, logits
@@ -70,20 +70,23 @@ class WideResNetCIFAR(nn.Module):
 
 
 class WideResNetAuxiliaryBranches(nn.Module):
+    """Branch 1 re-runs groups 2 and 3 on the group-1 map, branch 2 group 3 on the group-2 map; each then its own
+    BN (`bn1`, `bn2`, modules of their own as in the authors' Auxiliary_Classifier) + ReLU, pool, classifier."""
+
     def __init__(self, depth, widen_factor, num_classes=100):
         super().__init__()
         n, k = _blocks(depth), widen_factor
-        self.block_extractor1 = nn.Sequential(WideGroup(n, 16 * k, 32 * k, 2), WideGroup(n, 32 * k, 64 * k, 2),
-                                              nn.BatchNorm2d(64 * k), nn.ReLU(inplace=True))
-        self.block_extractor2 = nn.Sequential(WideGroup(n, 32 * k, 64 * k, 2), nn.BatchNorm2d(64 * k),
-                                              nn.ReLU(inplace=True))
+        self.block_extractor1 = nn.Sequential(WideGroup(n, 16 * k, 32 * k, 2), WideGroup(n, 32 * k, 64 * k, 2))
+        self.block_extractor2 = nn.Sequential(WideGroup(n, 32 * k, 64 * k, 2))
+        self.bn1 = nn.BatchNorm2d(64 * k)
+        self.bn2 = nn.BatchNorm2d(64 * k)
         self.fc1 = nn.Linear(64 * k, num_classes)
         self.fc2 = nn.Linear(64 * k, num_classes)
         init_auxiliary(self)
 
     def forward(self, stages):
-        pooled = [F.adaptive_avg_pool2d(self.block_extractor1(stages[0]), 1).flatten(1),
-                  F.adaptive_avg_pool2d(self.block_extractor2(stages[1]), 1).flatten(1)]
+        maps = [F.relu(self.bn1(self.block_extractor1(stages[0]))), F.relu(self.bn2(self.block_extractor2(stages[1])))]
+        pooled = [F.adaptive_avg_pool2d(m, 1).flatten(1) for m in maps]
         return pooled, [self.fc1(pooled[0]), self.fc2(pooled[1])]
 
 
