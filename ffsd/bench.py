@@ -1,11 +1,11 @@
-"""FFSD cases for `python -m common.bench`: one real training iteration (ffsd.training.train_step, the function the
-training scripts call) for every published architecture: the seven CIFAR-100 networks and ImageNet ResNet-18/34.
+"""FFSD cases for `python -m common.bench`: one real training iteration (the training script's own FFSDRun.train_step)
+for every published architecture: the seven CIFAR-100 networks and ImageNet ResNet-18/34.
 
     python -m common.bench --paper ffsd --device cpu --batch 8 --steps 2 --warmup 1
 
 The step trains all networks of the method (M = 2 students, the leader, the fusion module, both decoders) with the
-full lambdas (epoch >= 6). The deployed network is the leader; its forward also runs the TransFusion head, which a
-deployment drops (a few percent of the FLOPs at most).
+full lambdas (epoch >= 6) and the script's default options. The deployed network is the leader; its forward also
+runs the TransFusion head, which a deployment drops (a few percent of the FLOPs at most).
 """
 from functools import partial
 
@@ -13,16 +13,12 @@ import torch
 import torch.nn as nn
 
 from common.bench import BenchCase, Built
-from common.distributed import init_distributed
-from common.fast import autocast
-from ffsd.options import parse
-
 from ffsd.losses import diversity_target
-from ffsd.training import build_networks, build_optimizers, forward_networks, prepare_networks, train_step, \
-    warmed_up_lambdas
-from ffsd.train import make_loaders
+from ffsd.options import get_args_parser
+from ffsd.train import INPUT_SIZE, FFSDRun, datasets, detached_setup, loaders
+from ffsd.training import build_networks, forward_networks
 
-LAMBDAS = {"diversity": 1e-5, "fusion": 10.0, "self_distillation": 1000.0}
+FULL_LAMBDAS_EPOCH = 6  # after the 5-epoch warm-up: every term at its full weight
 CIFAR = ["resnet20", "resnet32", "resnet56", "wideresnet1602", "wideresnet4002", "densenet", "googlenet"]
 IMAGENET = ["resnet18", "resnet34"]
 
@@ -43,34 +39,28 @@ class WholeIteration(nn.Module):
         return self.nets.sd_leader(leader_maps[-1])
 
 
-def build(device, args, model, dataset):
+def build(fast, batch, model, dataset):
+    args = get_args_parser(dataset).parse_args(["--model", model, "--train_batch_size", str(batch)])
     torch.manual_seed(0)
-    probe = 224 if dataset == "imagenet" else 32
-    nets = build_networks(model, dataset, probe_size=probe).to(device)
-    forward = prepare_networks(nets, args)
-    optimizers = build_optimizers(nets)
-    lambdas = warmed_up_lambdas(LAMBDAS, 6)
-    nets.train()
-
-    def step(x, y):
-        train_step(nets, optimizers, x, y, lambdas, forward=forward, autocast=lambda: autocast(args, device))
-
-    return Built(step=step, deployed=forward.leader, models=[WholeIteration(nets)], input_size=probe,
-                 num_classes=1000 if dataset == "imagenet" else 100)
+    nets = build_networks(model, dataset, args.model_num, INPUT_SIZE[dataset]).to(fast.device)
+    run = FFSDRun(detached_setup(fast), args, nets, train_size=batch)
+    run.on_epoch_start(FULL_LAMBDAS_EPOCH)
+    return Built(step=partial(run.train_step, 0), deployed=run.prepared.leader, models=[WholeIteration(nets)],
+                 input_size=INPUT_SIZE[dataset], num_classes=1000 if dataset == "imagenet" else 100)
 
 
-def train_loader(data_root, device, bench_args, model, dataset):
-    """cifar.py's / imagenet.py's own train loader (released: 8 workers; or the device-resident one)."""
-    flags = ["--model", model, "--dataroot", data_root, "--train_batch_size", str(bench_args.batch)]
-    if bench_args.workers is not None:
-        flags += ["--workers", str(bench_args.workers)]
-    args = parse(flags, dataset)
-    for name in ("data_on_device", "channels_last"):
-        setattr(args, name, getattr(bench_args, name))
-    return make_loaders(args, init_distributed(device), device)[0]
+def train_loader(data_root, fast, batch, workers, dataset):
+    """cifar.py's / imagenet.py's own train loader (the released PIL pipeline with the script's default workers, or
+    the device-resident one when the Fast value holds the data on the device)."""
+    flags = ["--dataroot", data_root, "--train_batch_size", str(batch)]
+    if workers is not None:
+        flags += ["--workers", str(workers)]
+    args = get_args_parser(dataset).parse_args(flags)
+    train_set, test_set = datasets(args)
+    return loaders(args, train_set, test_set, detached_setup(fast))[0]
 
 
 CASES = [BenchCase("ffsd", "FFSD", arch, partial(build, model=arch, dataset="cifar100"),
-                   partial(train_loader, model=arch, dataset="cifar100")) for arch in CIFAR] + \
+                   partial(train_loader, dataset="cifar100")) for arch in CIFAR] + \
         [BenchCase("ffsd", "FFSD", f"{arch} (ImageNet)", partial(build, model=arch, dataset="imagenet"),
-                   partial(train_loader, model=arch, dataset="imagenet"), "imagenet") for arch in IMAGENET]
+                   partial(train_loader, dataset="imagenet"), "imagenet") for arch in IMAGENET]

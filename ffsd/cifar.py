@@ -6,7 +6,10 @@ module and the self-distillation decoders, trained online together.
 
 Options as the authors' options/options.py (see ffsd/README.md); 299 epochs by default (--n_epochs 300 is exclusive).
 """
+import functools
+
+from common.cli import run_main
 from ffsd.train import main
 
 if __name__ == "__main__":
-    main(dataset="cifar100", script="ffsd/cifar.py")
+    run_main(functools.partial(main, dataset="cifar100"))

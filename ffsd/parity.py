@@ -21,8 +21,8 @@ Items, per fixture:
                             in float64
     real_step_capture_epochE  what the released step logged (and `... accuracies`, its train top-1 values)
     post_step_checksums_epochE  (sum, sum of squares) of every state tensor after one step made by the scripts' own
-                            code: their optimizers (training.build_optimizers), schedulers (training.build_schedulers,
-                            as the script builds them for --start_epoch E) and step function (training.train_step)
+                            code: their FFSDRun (ffsd.train), with its six optimizers, its schedulers as built for
+                            --start_epoch E, the epoch's lambdas and its train_step
     float64 ...             a fixture's `float64_reference`, if any: the keys above recomputed in float64, checked
                             in float64 (common.parity.F64)
 """
@@ -30,12 +30,14 @@ import re
 
 import torch
 
+from common.fast import Fast
 from common.parity import F64, FixtureError, Report, as_dtype, checker_main, checksum_vectors, load_fixture
 
 from ffsd import training
 from ffsd.losses import attention, diversity_target
 from ffsd.models import CIFAR_MODELS, IMAGENET_MODELS
-from ffsd.options import parse
+from ffsd.options import get_args_parser
+from ffsd.train import FFSDRun, detached_setup
 
 DEFAULT_CONFIG = {"model": "resnet20", "init_seed": 0, "batch_seed": 1, "epochs": [6, 1], "weights_fp16_rounded": False}
 EPOCH_KEY = re.compile(r"losses_epoch(\d+)_(full_lambdas|warmup)$")
@@ -67,8 +69,8 @@ def model_num_of(init_state):
 def script_args(config, model_num, epoch):
     """The training script's options for this fixture: its defaults, the fixture's --model and --model_num, and
     --start_epoch EPOCH (a trainer that starts at EPOCH: lambda warm-up of EPOCH, schedulers as built)."""
-    return parse(["--model", config["model"], "--model_num", str(model_num), "--start_epoch", str(epoch),
-                  "--device", "cpu"], "cifar100")
+    return get_args_parser("cifar100").parse_args(["--model", config["model"], "--model_num", str(model_num),
+                                                   "--start_epoch", str(epoch)])
 
 
 def networks(fixture, config, model_num, dtype):
@@ -94,30 +96,34 @@ def eval_logits(fixture, config, model_num, dtype):
 
 
 def one_step(fixture, config, model_num, epoch, dtype):
-    """One training iteration at EPOCH through the script's own code. Returns {terms, outputs, accuracies, state,
-    hyperparameters}, every value in DTYPE."""
-    nets = networks(fixture, config, model_num, dtype)
+    """One training iteration at EPOCH through the script's own FFSDRun (its six optimizers, its schedulers as built
+    for --start_epoch EPOCH, the epoch's lambdas, its train_step), and the outputs of that step's first forward
+    (training.forward_networks on the same initial weights, in train mode, from the same RNG state). Returns {terms,
+    outputs, accuracies, state, hyperparameters}, every value in DTYPE."""
+    inputs, labels = fixture["inputs"].to(dtype), fixture["labels"]
     args = script_args(config, model_num, epoch)
-    optimizers = training.build_optimizers(nets, args.lr, args.momentum, args.weight_decay)
-    training.build_schedulers(optimizers, args, "cifar100")
-    lambdas = training.epoch_lambdas(args, epoch)
-    nets.train()
-    labels = fixture["labels"]
-    terms, out = training.train_step(nets, optimizers, fixture["inputs"].to(dtype), labels, lambdas, args.temperature,
-                                     args.follower_sd_weight, args.normalized_diversity_target)
-    outputs = {f"student{i}_logits": z for i, z in enumerate(out["student_logits"])}
-    outputs.update({"leader_logits": out["leader_logits"], "fusion_logits": out["fusion_logits"],
-                    "leader_trans_fusion_output_attention (mean_c x^2)": attention(out["trans_fusion"]),
-                    "leader_trans_fusion_output[:2]": out["trans_fusion"][:2],
-                    "leader_last_feature_map": out["leader_maps"][-1], "fused_feature_map(relu1_1)": out["fused"],
-                    "diversity_target(student0_last_map)": diversity_target(out["student_maps"][0][-1])})
-    outputs.update({f"student{i}_last_feature_map": maps[-1] for i, maps in enumerate(out["student_maps"])})
-    logits = {f"student{i}": z for i, z in enumerate(out["student_logits"])}
-    logits.update(fusion=out["fusion_logits"], leader=out["leader_logits"])
-    hyper = {f"lambda_{k}": v for k, v in lambdas.items()}
+    nets = networks(fixture, config, model_num, dtype)
+    run = FFSDRun(detached_setup(Fast()), args, nets)
+    run.on_epoch_start(epoch)
+    values = run.train_step(0, inputs, labels)
+    state = state_of_networks(nets.named_networks())
+    forward = networks(fixture, config, model_num, dtype)
+    forward.train()
+    with torch.no_grad():
+        leader_logits, leader_maps, trans_fusion, student_logits, student_maps, _, fusion_logits, fused = \
+            training.forward_networks(forward, inputs)
+    outputs = {f"student{i}_logits": z for i, z in enumerate(student_logits)}
+    outputs.update({"leader_logits": leader_logits, "fusion_logits": fusion_logits,
+                    "leader_trans_fusion_output_attention (mean_c x^2)": attention(trans_fusion),
+                    "leader_trans_fusion_output[:2]": trans_fusion[:2],
+                    "leader_last_feature_map": leader_maps[-1], "fused_feature_map(relu1_1)": fused,
+                    "diversity_target(student0_last_map)": diversity_target(student_maps[0][-1])})
+    outputs.update({f"student{i}_last_feature_map": maps[-1] for i, maps in enumerate(student_maps)})
+    accuracies = {k: v for k, v in values.items() if k.endswith("/top1")}
+    terms = {k: v for k, v in values.items() if k not in accuracies and k != "loss"}  # the step's loss terms
+    hyper = {f"lambda_{k}": v for k, v in run.lambdas.items()}
     hyper["temperature"] = args.temperature
-    return {"terms": terms, "outputs": outputs, "accuracies": training.batch_accuracies(logits, labels),
-            "state": state_of_networks(nets.named_networks()), "hyperparameters": hyper}
+    return {"terms": terms, "outputs": outputs, "accuracies": accuracies, "state": state, "hyperparameters": hyper}
 
 
 def loss_name(key):

@@ -18,6 +18,8 @@ CIFAR_RUNS = (
 CIFAR_SMOKE = ("--n_epochs", "2", "--steps-per-epoch", "2", "--eval-batches", "1", "--train_batch_size", "8",
                "--test_batch_size", "8", "--workers", "0")
 CIFAR_SHORT = ("--n_epochs", "31", "--lr_decay_iters", "15", "23")  # 30 epochs, milestones scaled by 1/10
+IMAGENET_SMOKE = ("--n_epochs", "2", "--steps-per-epoch", "1", "--eval-batches", "1", "--train_batch_size", "4",
+                  "--test_batch_size", "4", "--workers", "0")
 
 
 def cifar_row(name, model, runs):
@@ -27,7 +29,7 @@ def cifar_row(name, model, runs):
         workdir="ffsd", argv=("cifar.py", "--dataset", "cifar100", "--model", model, *LAMBDAS,
                               "--name", f"cifar100_{model}_div1e-5_sd1000_fusion10"),
         match={"script": "ffsd/cifar.py", "model": model, "dataset": "cifar100"}, epochs=299, protocol="best",
-        source=README, scale_args={"smoke": CIFAR_SMOKE, "short": CIFAR_SHORT},
+        source=README, scale_args={"smoke": CIFAR_SMOKE, "short": CIFAR_SHORT}, bench=("FFSD", model),
         note="best test-epoch leader accuracy, as the released code saves modelleader_best.pth; the paper's own "
              "table was not transcribed")
 
@@ -38,10 +40,8 @@ def imagenet_row(name, model, value):
         workdir="ffsd", argv=("imagenet.py", "--dataset", "imagenet", "--model", model, *LAMBDAS,
                               "--name", f"imagenet_{model}"),
         match={"script": "ffsd/imagenet.py", "model": model, "dataset": "imagenet"}, epochs=89, protocol="best",
-        source="authors' README (SJLeo/FFSD @d5cfda9)", launcher="torchrun",
-        scale_args={"smoke": ("--n_epochs", "2", "--steps-per-epoch", "1", "--eval-batches", "1",
-                              "--train_batch_size", "4", "--test_batch_size", "4", "--workers", "0"),
-                    "short": ("--n_epochs", "10", "--lr_decay_iters", "3", "6", "8")},
+        source="authors' README (SJLeo/FFSD @d5cfda9)", launcher="torchrun", bench=("FFSD", f"{model} (ImageNet)"),
+        scale_args={"smoke": IMAGENET_SMOKE, "short": ("--n_epochs", "10", "--lr_decay_iters", "3", "6", "8")},
         note="the released ImageNet scripts could not run unmodified; the number came from a patched version. "
              "'short' keeps the per-iteration lr rule (epoch boundaries 30/60/80), so it is a truncated run.")
 
@@ -54,11 +54,11 @@ TABLES = [
           rows=(imagenet_row("ResNet-18", "resnet18", 70.87), imagenet_row("ResNet-34", "resnet34", 74.69))),
 ]
 
+# Each smoke run is the command of the row it names, at smoke scale.
 SMOKE = [
-    Run(name="ffsd cifar.py resnet20", workdir="ffsd",
-        argv=("cifar.py", "--model", "resnet20", "--n_epochs", "2", "--steps-per-epoch", "2", "--eval-batches", "1",
-              "--train_batch_size", "8", "--test_batch_size", "8", "--workers", "0")),
+    Run(name="ffsd cifar.py resnet20", workdir="ffsd", argv=("cifar.py", "--model", "resnet20", *CIFAR_SMOKE),
+        rows=(("table6", "ResNet-20, FFSD leader"),)),
     Run(name="ffsd imagenet.py resnet18 (2 processes)", workdir="ffsd", dataset="imagenet", launcher="torchrun",
-        nproc=2, argv=("imagenet.py", "--model", "resnet18", "--n_epochs", "2", "--steps-per-epoch", "1",
-                       "--eval-batches", "1", "--train_batch_size", "4", "--test_batch_size", "4", "--workers", "0")),
+        nproc=2, argv=("imagenet.py", "--model", "resnet18", *IMAGENET_SMOKE),
+        rows=(("table7", "ResNet-18, FFSD leader"),)),
 ]

@@ -1,39 +1,42 @@
 """The FFSD training script body, run by cifar.py (CIFAR-100) and imagenet.py (ImageNet under torchrun).
 
 Order of one epoch (as released): every iteration trains the students, the fusion module, the leader and the
-decoders (ffsd.training.train_step); then every network is evaluated on the test set, the authors' best-model files
-are written when a network's test top-1 strictly improves, the schedulers step, and (here) the full-state checkpoint
-and the log.jsonl line are written.
+decoders (ffsd.training.train_step; on ImageNet the SGD lr is set before each iteration); then every network is
+evaluated on the test set, the authors' best-model files are written when a network's test top-1 strictly improves,
+the schedulers step, and (here) the full-state checkpoint and the log.jsonl line are written (common.loop.fit).
+Epochs are numbered from 1, as released: the loop is range(start_epoch, n_epochs).
 """
 import logging
 import os
-import random
-import signal
 import time
 
-import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from common.checkpoint import CHECKPOINT_NAME, ResumableEpoch, load_checkpoint, save_checkpoint
 from common.data import CIFAR100_MEAN, CIFAR100_STD, cifar_datasets, cifar_test_transform, cifar_train_transform, \
     imagenet_datasets, imagenet_train_transform, imagenet_val_transform, make_loader
-from common.fast import DeviceCifarLoader, autocast
-from common.distributed import all_reduce_sum, barrier, cleanup, init_distributed, per_process_batch, \
-    train_sampler, wrap_ddp
-from common.logging import FiniteGuard, RunLogger
+from common.distributed import DistContext, cleanup, per_process_batch, train_sampler, wrap_ddp
+from common.fast import DeviceCifarLoader
+from common.logging import RunLogger
+from common.loop import Run, evaluate, fit
+from common.options import RunSetup, setup_run
 
-from ffsd.options import build_parser, config_text, parse
-from ffsd.training import FFSDNetworks, TermMeters, batch_accuracies, build_networks, build_optimizers, \
-    build_schedulers, epoch_lambdas, evaluate, imagenet_lr, prepare_networks, set_sgd_lr, train_step
+from ffsd import training
+from ffsd.options import MAY_CHANGE, check_args, config_text, device_of, epoch_range, get_args_parser
+
+SCRIPTS = {"cifar100": "ffsd/cifar.py", "imagenet": "ffsd/imagenet.py"}
+INPUT_SIZE = {"cifar100": 32, "imagenet": 224}
 
 
 def authors_logger(run_dir, enabled):
     """The authors' `FFSD` logger: '<mm/dd hh:mm:ss AM/PM> | message' to <run dir>/logger.log and the console."""
     logger = logging.getLogger(f"FFSD.{run_dir}")
+    for handler in list(logger.handlers):  # a folder used again in this process (tests, --overwrite): a fresh file
+        handler.close()
+        logger.removeHandler(handler)
     logger.setLevel(logging.INFO if enabled else logging.WARNING)
     logger.propagate = False
-    if enabled and not logger.handlers:
+    if enabled:
         fmt = logging.Formatter("%(asctime)s | %(message)s", datefmt="%m/%d %I:%M:%S %p")
         for handler in (logging.FileHandler(os.path.join(run_dir, "logger.log")), logging.StreamHandler()):
             handler.setFormatter(fmt)
@@ -42,6 +45,7 @@ def authors_logger(run_dir, enabled):
 
 
 def train_line(epoch, seen, total, seconds, avg, model_num):
+    """The authors' running print of the epoch's per-sample means AVG."""
     parts = [f"Epoch[{epoch}] ({seen}/{total})\tTime {seconds:.2f}s"]
     for i in range(model_num):
         sd = f"sd_student{i}"
@@ -61,201 +65,198 @@ def train_line(epoch, seen, total, seconds, avg, model_num):
     return "\t".join(parts)
 
 
-def load_data(args, ctx):
+def datasets(args):
+    """(train set, test set) with the released transforms: CIFAR-100 reflect pad 4, flip, crop 32 (Pad-Flip-Crop) and
+    its normalisation; ImageNet RandomResizedCrop(224) + flip, and Resize(256) + CenterCrop(224)."""
     if args.dataset == "cifar100":
-        train_set, test_set = cifar_datasets(
+        return cifar_datasets(
             "cifar100", args.data_root,
             cifar_train_transform(CIFAR100_MEAN, CIFAR100_STD, padding_mode="reflect", order="pad_flip_crop"),
             cifar_test_transform(CIFAR100_MEAN, CIFAR100_STD), flag="--dataroot/--data-root")
-        return train_set, test_set, args.train_batch_size, args.test_batch_size
-    train_set, test_set = imagenet_datasets(args.data_root, imagenet_train_transform(), imagenet_val_transform(),
-                                            flag="--dataroot/--data-root")
-    if ctx.distributed:  # each process evaluates its own slice; counts are summed over processes
-        test_set = Subset(test_set, range(ctx.rank, len(test_set), ctx.world_size))
-    return (train_set, test_set, per_process_batch(args.train_batch_size, ctx),
-            per_process_batch(args.test_batch_size, ctx))
+    return imagenet_datasets(args.data_root, imagenet_train_transform(), imagenet_val_transform(),
+                             flag="--dataroot/--data-root")
 
 
-def make_loaders(args, ctx, device):
-    """(train loader, test loader, train set, train sampler): the released PIL pipeline (8 workers), or with
-    --data-on-device uint8 CIFAR on the device and the released augmentation (reflect pad, flip, crop) there. The
-    sampler is the DistributedSampler under torchrun (set_epoch each epoch), else None."""
-    train_set, test_set, train_batch, test_batch = load_data(args, ctx)
+def loaders(args, train_set, test_set, setup):
+    """(train loader, test loader): the released PIL pipeline (shuffled, drop_last off, --workers), or with the fast
+    path's data on the device uint8 CIFAR there with the released augmentation done there. Under torchrun the train
+    set is split by a DistributedSampler (fit sets its epoch) and each process evaluates its own slice of the test set
+    (the evaluation meter sums over processes); the global batches are split over the processes."""
+    ctx = setup.ctx
+    train_batch = per_process_batch(args.train_batch_size, ctx)
+    test_batch = per_process_batch(args.test_batch_size, ctx)
     sampler = train_sampler(train_set, ctx, shuffle=True, seed=args.seed)
-    if args.data_on_device:
-        cifar = dict(device=device, mean=CIFAR100_MEAN, std=CIFAR100_STD, padding_mode="reflect",
-                     order="pad_flip_crop", channels_last=args.channels_last)
-        train_loader = DeviceCifarLoader(train_set, train_batch, train=True, shuffle=sampler is None, drop_last=False,
-                                         sampler=sampler, seed=args.seed, **cifar)
-        return train_loader, DeviceCifarLoader(test_set, test_batch, train=False, **cifar), train_set, sampler
-    pin = device.type == "cuda"
+    if setup.fast.data_on_device and args.dataset == "cifar100":
+        cifar = dict(device=setup.device, mean=CIFAR100_MEAN, std=CIFAR100_STD, padding_mode="reflect",
+                     order="pad_flip_crop")
+        return (DeviceCifarLoader(train_set, train_batch, train=True, shuffle=sampler is None, drop_last=False,
+                                  sampler=sampler, seed=args.seed, **cifar),
+                DeviceCifarLoader(test_set, test_batch, train=False, **cifar))
+    if ctx.distributed:
+        test_set = Subset(test_set, range(ctx.rank, len(test_set), ctx.world_size))
+    pin = setup.device.type == "cuda"
     return (make_loader(train_set, train_batch, shuffle=True, workers=args.workers, pin_memory=pin, sampler=sampler),
-            make_loader(test_set, test_batch, workers=args.workers, pin_memory=pin), train_set, sampler)
+            make_loader(test_set, test_batch, workers=args.workers, pin_memory=pin))
 
 
-def main(argv=None, dataset="cifar100", script="ffsd/cifar.py"):
-    args = parse(argv, dataset)
-    ctx = init_distributed(args.device)
-    device = ctx.device if ctx.distributed else torch.device(args.device)
-    run_dir = args.run_dir or os.path.join(args.checkpoints_dir, args.name)
-    args.run_dir = run_dir
-    logger = RunLogger(run_dir, args, script=script, enabled=ctx.is_main, quiet=args.quiet, device=device)
-    log = authors_logger(run_dir, ctx.is_main)
-    weights_dir = os.path.join(run_dir, "checkpoints")
-    ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
-    if ctx.is_main:
-        os.makedirs(weights_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.txt"), "w") as f:
-            f.write(config_text(args, build_parser(dataset)))
-    kill_at = int(os.environ.get("FFSD_KILL_AT_STEP", "0"))  # tests: SIGKILL right after this global step
+def detached_setup(fast, eval_batches=0):
+    """A RunSetup for an FFSDRun outside a training run (test.py, the parity checker, the bench): one process on the
+    Fast value's device, no run folder, nothing written or printed."""
+    return RunSetup(script="", run_dir="", device=fast.device, ctx=DistContext(device=fast.device), fast=fast,
+                    identity={}, resume=False, logger=RunLogger("", enabled=False), eval_batches=eval_batches)
 
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
-    train_loader, test_loader, train_set, sampler = make_loaders(args, ctx, device)
 
-    probe = 224 if dataset == "imagenet" else 32
-    nets = build_networks(args.model, dataset, args.model_num, probe_size=probe).to(device)
-    fast_nets = prepare_networks(nets, args)  # channels_last / compiled; nets keeps the plain modules to save
-    amp = lambda: autocast(args, device)  # noqa: E731
-    optimizers = build_optimizers(nets, args.lr, args.momentum, args.weight_decay)
-    schedulers = build_schedulers(optimizers, args, dataset)
-    wrap = lambda m: wrap_ddp(m, ctx)  # noqa: E731
-    forward = fast_nets if not ctx.distributed else FFSDNetworks(
-        [wrap(s) for s in fast_nets.students], wrap(fast_nets.leader), wrap(fast_nets.fusion_module),
-        [wrap(d) for d in fast_nets.sd_students], wrap(fast_nets.sd_leader))
-    reduce = (lambda t: all_reduce_sum(t, ctx)) if ctx.distributed else None
+class FFSDRun(Run):
+    """The released trainer on common.loop.fit: the networks NETS (build_networks, on the setup's device), their six
+    optimizers and per-epoch schedulers, the lambda warm-up, the ImageNet per-iteration lr, the authors' console and
+    best-model files. TRAIN_SIZE: images in the training set, for the print line and the ImageNet warm-up length (0
+    outside a training run, where no warm-up epoch is stepped)."""
 
-    meta = {"script": script, "model": args.model, "model_num": args.model_num, "dataset": dataset}
-    start_epoch, epoch_resume = args.start_epoch, None
-    best = {}  # network -> (epoch, test top-1)
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, expect_meta=meta, map_location=device, restore_rng=True)
-        nets.load_state_dict(ckpt["networks"])
-        for k, o in optimizers.items():
-            o.load_state_dict(ckpt["optimizers"][k])
-        for k, s in schedulers.items():
-            s.load_state_dict(ckpt["schedulers"][k])
-        best, epoch_resume = ckpt["best"], ckpt.get("epoch_state")
-        if args.data_on_device and ckpt.get("train_loader") is not None:  # its augmentation/shuffle generator
-            train_loader.load_state_dict(ckpt["train_loader"])
-        start_epoch = ckpt["epoch"] + (0 if epoch_resume else 1)
-        logger.truncate_after(ckpt["epoch"] if not epoch_resume else ckpt["epoch"] - 1)
-        log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    def __init__(self, setup, args, nets, train_size=0, test_loader=None):
+        self.setup, self.args, self.nets, self.test_loader = setup, args, nets, test_loader
+        self.imagenet = args.dataset == "imagenet"
+        self.train_size = train_size
+        # released: len(train) // 256, the batch its trainer forced; here the batch asked for (256 by default)
+        self.iterations_per_epoch = train_size // args.train_batch_size
+        # the networks called: channels_last / compiled, DDP-wrapped under torchrun; nets keeps the state to save
+        self.prepared = training.prepare_networks(nets, setup.fast)
+        self.forward = self.prepared.wrapped(lambda m: wrap_ddp(m, setup.ctx)) if setup.ctx.distributed \
+            else self.prepared
+        self.optimizers = training.build_optimizers(nets, args.lr, args.momentum, args.weight_decay)
+        self.schedulers = training.build_schedulers(self.optimizers, args, args.dataset)
+        self.best = {}  # network (or "average/top1", "ensemble_oracle/top1") -> (epoch, test top-1)
+        self.log = authors_logger(setup.run_dir, setup.ctx.is_main and bool(setup.run_dir))
+        self.epoch, self.epoch_start = args.start_epoch, 0.0
+        self.lambdas = training.epoch_lambdas(args, args.start_epoch)
 
-    def save(epoch, epoch_state=None):
-        """Full state after EPOCH (or inside it, with epoch_state)."""
-        guard.check(f"epoch {epoch}", ckpt_path if os.path.exists(ckpt_path) else None)
-        loader_state = {"train_loader": train_loader.state_dict()} if args.data_on_device else {}
-        if ctx.is_main:
-            save_checkpoint(ckpt_path, {"networks": nets.state_dict(), "epoch": epoch, "best": best,
-                                        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                                        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-                                        "epoch_state": epoch_state, **loader_state}, meta=meta)
-        barrier(ctx)
+    def epoch_label(self, epoch):
+        return epoch  # the released epochs are 1-based already
 
-    def save_authors(name, module, epoch, index):
-        torch.save({"weight": module.state_dict(), "epoch": epoch, "cfg": args.model, "index": index},
-                   os.path.join(weights_dir, f"model{name}.pth"))
+    def on_epoch_start(self, epoch):
+        self.epoch, self.lambdas = epoch, training.epoch_lambdas(self.args, epoch)
+        self.epoch_start = time.perf_counter()
+        self.nets.train()
 
-    guard = FiniteGuard()
-    end_epoch = args.n_epochs + 1 if args.inclusive_epochs else args.n_epochs
-    # ImageNet warm-up: iterations per epoch at the global batch (released: len(train) // 256, its forced batch)
-    iterations_per_epoch = len(train_set) // args.train_batch_size
-    if dataset == "imagenet" and iterations_per_epoch < 1:
-        raise SystemExit(f"--train_batch_size {args.train_batch_size} exceeds the {len(train_set)} training images: "
-                         f"the ImageNet lr warm-up needs at least one iteration per epoch")
-    print_every = args.print_every or max(1, len(train_set) // args.train_batch_size // 10)
-    steps_total = len(train_loader) if not args.steps_per_epoch else min(args.steps_per_epoch, len(train_loader))
-    step_global = 0
-    test = {}
-    for epoch in range(start_epoch, end_epoch):
-        lambdas = epoch_lambdas(args, epoch)
-        nets.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        timer_start = time.perf_counter()
-        meters = TermMeters()
-        if args.data_on_device:  # the device loader draws from its own generator: replay the epoch from its start
-            if epoch_resume:
-                train_loader.load_state_dict(epoch_resume["train_loader"])
-            loader_at_epoch_start = train_loader.state_dict()
-        batches = ResumableEpoch(train_loader, resume=epoch_resume)
-        if epoch_resume:
-            meters.load_state_dict(epoch_resume["meters"], device)
-        epoch_resume = None
-        for step, (x, y) in logger.progress(batches, desc=f"epoch {epoch}", total=steps_total):
-            if args.steps_per_epoch and step >= args.steps_per_epoch:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if dataset == "imagenet":
-                set_sgd_lr(optimizers, imagenet_lr(args.lr, epoch, step, iterations_per_epoch, args.imagenet_warmup))
-            terms, out = train_step(forward, optimizers, x, y, lambdas, args.temperature, args.follower_sd_weight,
-                                    args.normalized_diversity_target, autocast=amp)
-            logits = {f"student{i}": z for i, z in enumerate(out["student_logits"])}
-            logits.update(fusion=out["fusion_logits"], leader=out["leader_logits"])
-            terms.update(batch_accuracies(logits, y))
-            total = sum(terms[f"student{i}/total"] for i in range(args.model_num))
-            terms["loss"] = total + terms["fusion/total"] + terms["leader/total"]
-            guard.update(terms["loss"])
-            meters.update(terms, y.size(0))
-            step_global += 1
-            if (step + 1) % print_every == 0:
-                guard.check(f"epoch {epoch} step {step + 1}")
-                log.info(train_line(epoch, (step + 1) * args.train_batch_size, len(train_set),
-                                    time.perf_counter() - timer_start, meters.averages(), args.model_num))
-            if args.save_every_steps and (step + 1) % args.save_every_steps == 0:
-                epoch_state = dict(batches.state(step + 1), meters=meters.state_dict())
-                if args.data_on_device:
-                    epoch_state["train_loader"] = loader_at_epoch_start
-                save(epoch, epoch_state)
-            if kill_at and step_global == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-        train_seconds = time.perf_counter() - timer_start
-        train_avg = meters.averages()
+    def train_step(self, step, x, y):
+        args = self.args
+        if self.imagenet:
+            lr = training.imagenet_lr(args.lr, self.epoch, step, self.iterations_per_epoch, args.imagenet_warmup)
+            training.set_sgd_lr(self.optimizers, lr)
+        terms, out = training.train_step(self.forward, self.optimizers, x, y, self.lambdas, args.temperature,
+                                args.follower_sd_weight, args.normalized_diversity_target,
+                                autocast=self.setup.fast.autocast)
+        logits = {f"student{i}": z for i, z in enumerate(out["student_logits"])}
+        logits.update(fusion=out["fusion_logits"], leader=out["leader_logits"])
+        terms.update(training.batch_accuracies(logits, y))
+        students = sum(terms[f"student{i}/total"] for i in range(args.model_num))
+        terms["loss"] = students + terms["fusion/total"] + terms["leader/total"]
+        return terms
 
-        test = evaluate(fast_nets, test_loader, device, args.eval_batches, reduce, amp, args.channels_last)
-        networks = {f"student{i}": (str(i), nets.students[i]) for i in range(args.model_num)}
-        networks.update(fusion=("fusion", nets.fusion_module), leader=("leader", nets.leader))
+    def on_print(self, epoch, step, meter):
+        self.log.info(train_line(epoch, (step + 1) * self.args.train_batch_size, self.train_size,
+                                 time.perf_counter() - self.epoch_start, meter.per_sample(), self.args.model_num))
+
+    def train_record(self, meter):
+        """The lr of the epoch's last iteration (before the schedulers step), the warmed-up lambdas, and the
+        per-sample means of every loss term and train accuracy (train/loss: the student, fusion and leader totals)."""
+        record = {"lr": self.optimizers["student0"].param_groups[0]["lr"]}
+        record.update({f"lambda/{k}": v for k, v in self.lambdas.items()})
+        record.update(meter.per_sample("train/"))
+        return record
+
+    def evaluate(self, epoch):
+        """Eval mode, every network on the test set (test_metrics)."""
+        self.nets.eval()
+
+        def forward(x, y):
+            with self.setup.fast.autocast():
+                logits = training.predict(self.prepared, x)
+            return training.test_metrics(logits, y)
+        return evaluate(forward, self.test_loader, self.setup).per_sample("test/")
+
+    def on_epoch_end(self, epoch, record):
+        """The released epoch end: best-model files (strict >, so the earliest tied epoch wins), the test line, the
+        schedulers' step; the best values go into the log record."""
+        test = {k[len("test/"):]: v for k, v in record.items() if k.startswith("test/")}
+        networks = {f"student{i}": (str(i), self.nets.students[i]) for i in range(self.args.model_num)}
+        networks.update(fusion=("fusion", self.nets.fusion_module), leader=("leader", self.nets.leader))
         for name, (index, module) in networks.items():
-            acc = test[f"{name}/top1"]
-            if name not in best or acc > best[name][1]:  # strict: the earliest tied epoch wins, as released
-                best[name] = (epoch, acc)
-                if ctx.is_main:
-                    save_authors(f"{index}_best", module, epoch, index)
-            if args.save_epoch_checkpoints and name.startswith("student") and ctx.is_main:
-                save_authors(f"{index}_{epoch}", module, epoch, index)
+            improved = self.improve(name, epoch, test[f"{name}/top1"])
+            if improved and self.setup.ctx.is_main:
+                self.save_authors(f"{index}_best", module, epoch, index)
+            if self.args.save_epoch_checkpoints and name.startswith("student") and self.setup.ctx.is_main:
+                self.save_authors(f"{index}_{epoch}", module, epoch, index)
         for key in ("average/top1", "ensemble_oracle/top1"):
-            if key not in best or test[key] > best[key][1]:
-                best[key] = (epoch, test[key])
-        log.info(f"Epoch[{epoch}]\tTime {time.perf_counter() - timer_start:.2f}s\t" + "\t".join(
-            f"Model[{i}]:\tAccuracy {test[f'student{i}/top1']:.2f}%" for i in range(args.model_num)) +
+            self.improve(key, epoch, test[key])
+        self.log.info(f"Epoch[{epoch}]\tTime {time.perf_counter() - self.epoch_start:.2f}s\t" + "\t".join(
+            f"Model[{i}]:\tAccuracy {test[f'student{i}/top1']:.2f}%" for i in range(self.args.model_num)) +
             f"\tModel[Fusion]:\tAccuracy {test['fusion/top1']:.2f}%\tModel[Leader]:\tAccuracy "
             f"{test['leader/top1']:.2f}%\tAverage Acc:{test['average/top1']:.2f}%\tEnsemble Acc:"
             f"{test['ensemble_oracle/top1']:.2f}%\tMean-logit Ensemble Acc:{test['ensemble/top1']:.2f}%")
-        lr_now = optimizers["student0"].param_groups[0]["lr"]
-        for s in schedulers.values():
-            s.step()
-        record = {"epoch": epoch, "lr": lr_now, "epoch_time": train_seconds,
-                  "images_per_s": meters.count * ctx.world_size / max(train_seconds, 1e-9),
-                  "train/loss": train_avg.pop("loss")}
-        record.update({f"lambda/{k}": v for k, v in lambdas.items()})
-        record.update({f"train/{k}": v for k, v in train_avg.items()})
-        record.update({f"test/{k}": v for k, v in test.items()})
-        record.update({f"best/{k}": v[1] for k, v in best.items() if not k.endswith("/top1")})
-        record["best/leader/top1"] = best["leader"][1]
-        save(epoch)
-        logger.log_epoch(record)
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        record.update({f"best/{k}": v[1] for k, v in self.best.items() if not k.endswith("/top1")})
+        record["best/leader/top1"] = self.best["leader"][1]
 
-    if best:
-        log.info(f"Best Average/Ensemble Epoch{best['average/top1'][0]}:{best['average/top1'][1]:.2f}%/"
-                 f"Epoch{best['ensemble_oracle/top1'][0]}:{best['ensemble_oracle/top1'][1]:.2f}%")
-        log.info(f"Model[Fusion]/[Leader] Epoch{best['fusion'][0]}:{best['fusion'][1]:.2f}%/"
-                 f"Epoch{best['leader'][0]}:{best['leader'][1]:.2f}%")
-        log.info("Best Models: " + "/".join(f"Epoch {best[f'student{i}'][0]}:{best[f'student{i}'][1]:.2f}%"
-                                            for i in range(args.model_num)))
-    logger.finish({"best/leader/top1": best["leader"][1] if best else None,
-                   "test/leader/top1": test.get("leader/top1")})
-    cleanup(ctx)
+    def improve(self, name, epoch, accuracy):
+        """Record ACCURACY as NAME's best if it is strictly higher; returns whether it was."""
+        if name in self.best and accuracy <= self.best[name][1]:
+            return False
+        self.best[name] = (epoch, accuracy)
+        return True
+
+    def save_authors(self, name, module, epoch, index):
+        """checkpoints/model<name>.pth in the authors' format."""
+        torch.save({"weight": module.state_dict(), "epoch": epoch, "cfg": self.args.model, "index": index},
+                   os.path.join(self.setup.run_dir, "checkpoints", f"model{name}.pth"))
+
+    def log_best(self):
+        """The authors' final lines."""
+        if not self.best:
+            return
+        best = self.best
+        self.log.info(f"Best Average/Ensemble Epoch{best['average/top1'][0]}:{best['average/top1'][1]:.2f}%/"
+                      f"Epoch{best['ensemble_oracle/top1'][0]}:{best['ensemble_oracle/top1'][1]:.2f}%")
+        self.log.info(f"Model[Fusion]/[Leader] Epoch{best['fusion'][0]}:{best['fusion'][1]:.2f}%/"
+                      f"Epoch{best['leader'][0]}:{best['leader'][1]:.2f}%")
+        self.log.info("Best Models: " + "/".join(f"Epoch {best[f'student{i}'][0]}:{best[f'student{i}'][1]:.2f}%"
+                                                 for i in range(self.args.model_num)))
+
+    def state_dict(self):
+        return {"networks": self.nets.state_dict(), "best": self.best,
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}}
+
+    def load_state_dict(self, state):
+        self.nets.load_state_dict(state["networks"])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+        self.best = state["best"]
+
+
+def main(argv=None, dataset="cifar100"):
+    parser = get_args_parser(dataset)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    train_set, test_set = datasets(args)
+    if dataset == "imagenet" and len(train_set) < args.train_batch_size:
+        parser.error(f"--train_batch_size {args.train_batch_size} exceeds the {len(train_set)} training images: the "
+                     f"ImageNet lr warm-up needs at least one iteration per epoch")
+    setup = setup_run(parser, args, SCRIPTS[dataset], os.path.join(args.checkpoints_dir, args.name), seed=args.seed,
+                      may_change=MAY_CHANGE, device=device_of(args))
+    if setup.ctx.is_main:
+        os.makedirs(os.path.join(setup.run_dir, "checkpoints"), exist_ok=True)
+        if not setup.resume:
+            with open(os.path.join(setup.run_dir, "config.txt"), "w") as f:
+                f.write(config_text(args, parser))
+    train_loader, test_loader = loaders(args, train_set, test_set, setup)
+    nets = training.build_networks(args.model, dataset, args.model_num, INPUT_SIZE[dataset]).to(setup.device)
+    run = FFSDRun(setup, args, nets, len(train_set), test_loader)
+    print_every = args.print_every or max(1, len(train_set) // args.train_batch_size // 10)
+    record = fit(run, train_loader, setup, epoch_range(args), print_every=print_every)
+    run.log_best()
+    cleanup(setup.ctx)
+    return record
+

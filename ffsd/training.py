@@ -1,4 +1,4 @@
-"""The FFSD training step and evaluation, shared by cifar.py and imagenet.py (and the parity checker).
+"""The FFSD training step and the test metrics, shared by cifar.py and imagenet.py (and the parity checker).
 
 Networks (M common students, the leader, the fusion module, one decoder per follower student and one for the
 leader) are separate modules with separate optimizers; every cross-network signal is detached, so nothing flows
@@ -10,15 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.fast import at_least_fp32, prepare_model
+from common.distributed import unwrap
+from common.fast import at_least_fp32
+from common.meters import topk_accuracy
 
 from ffsd.losses import attention_distance, decoder_training_losses, diversity_loss, diversity_target, dml_loss, \
     kd_kl, lambda_warmup, self_distillation_loss
 from ffsd.models import create_decoder, create_fusion_module, create_model
-
-
-def unwrap(module):
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
 class FFSDNetworks(nn.Module):
@@ -43,6 +41,11 @@ class FFSDNetworks(nn.Module):
         named.update({"sd_leader": self.sd_leader, "fusion_module": self.fusion_module, "leader": self.leader})
         return named
 
+    def wrapped(self, fn):
+        """FFSDNetworks holding FN(network) in place of every network (prepared for the fast path, DDP-wrapped)."""
+        return FFSDNetworks([fn(s) for s in self.students], fn(self.leader), fn(self.fusion_module),
+                            [fn(d) for d in self.sd_students], fn(self.sd_leader))
+
 
 def build_networks(model, dataset="cifar100", model_num=2, probe_size=32):
     """All networks, in the released construction order (it fixes the RNG stream under a seed): the students, the
@@ -61,16 +64,12 @@ def build_networks(model, dataset="cifar100", model_num=2, probe_size=32):
     return FFSDNetworks(students, leader, fusion_module, sd_students, sd_leader)
 
 
-def prepare_networks(nets, args):
-    """The networks to call on the fast path: channels_last and/or torch.compile (common.fast.prepare_model). NETS
+def prepare_networks(nets, fast):
+    """The networks to call on the fast path: channels_last and/or torch.compile (common.fast.Fast.prepare). NETS
     keeps the plain modules (their state dicts are what checkpoints hold); without either option this is NETS."""
-    if not (getattr(args, "channels_last", False) or getattr(args, "compile", False)):
+    if not (fast.channels_last or fast.compile):
         return nets
-
-    def prepare(module):
-        return prepare_model(module, args)
-    return FFSDNetworks([prepare(s) for s in nets.students], prepare(nets.leader), prepare(nets.fusion_module),
-                        [prepare(d) for d in nets.sd_students], prepare(nets.sd_leader))
+    return nets.wrapped(fast.prepare)
 
 
 FUSION_WEIGHT_DECAY = 1e-5  # the fusion module's SGD weight decay, hard-coded in the released trainers
@@ -264,29 +263,6 @@ def predict(nets, inputs):
     return logits
 
 
-class TermMeters:
-    """Per-sample running means of named values, kept on the device (read with averages())."""
-
-    def __init__(self):
-        self.sums, self.count = {}, 0
-
-    def update(self, values, n):
-        for k, v in values.items():
-            v = v.detach().double() * n
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.count += n
-
-    def averages(self):
-        return {k: (v / max(self.count, 1)).item() for k, v in self.sums.items()}
-
-    def state_dict(self):
-        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": self.count}
-
-    def load_state_dict(self, state, device):
-        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
-        self.count = state["count"]
-
-
 def batch_accuracies(logits, labels):
     """Top-1 hits (percent, as tensors) of every network, the students' average and the oracle ensemble."""
     hits = {name: z.argmax(1).eq(labels) for name, z in logits.items()}
@@ -297,38 +273,18 @@ def batch_accuracies(logits, labels):
     return acc
 
 
-@torch.no_grad()
-def evaluate(nets, loader, device, max_batches=0, reduce=None, autocast=contextlib.nullcontext, channels_last=False):
-    """Eval-mode top-1/top-5 and CE of every network, the students' average top-1, the released 'Ensemble Acc'
-    (oracle: a sample counts when ANY student is right) and a real ensemble (mean of the students' logits).
-    REDUCE(tensor) sums counts over processes (DDP). Counts stay on the device until the end of the pass."""
-    nets.eval()
-    sums = None
-    for i, (x, y) in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = predict(nets, x)
-        logits = {name: at_least_fp32(z) for name, z in logits.items()}
-        logits["ensemble"] = torch.stack([z for k, z in logits.items() if k.startswith("student")]).mean(0)
-        batch = {}
-        for name, z in logits.items():
-            top5 = z.topk(min(5, z.size(1)), 1).indices.eq(y[:, None])
-            batch[f"{name}/top1"] = top5[:, 0].sum().double()
-            batch[f"{name}/top5"] = top5.any(1).sum().double()
-            batch[f"{name}/loss"] = F.cross_entropy(z, y, reduction="sum").double()
-        hits = torch.stack([logits[k].argmax(1).eq(y) for k in logits if k.startswith("student")])
-        batch["ensemble_oracle/top1"] = hits.any(0).sum().double()
-        batch["average/top1"] = hits.double().sum(1).mean()
-        batch["count"] = torch.tensor(float(y.size(0)), dtype=torch.float64, device=y.device)
-        sums = batch if sums is None else {k: sums[k] + v for k, v in batch.items()}
-    keys = sorted(sums)
-    totals = torch.stack([sums[k] for k in keys])
-    if reduce is not None:
-        totals = reduce(totals)
-    totals = dict(zip(keys, totals.tolist()))
-    count = totals.pop("count")
-    return {k: v / count * (1 if k.endswith("/loss") else 100.0) for k, v in totals.items()}
+def test_metrics(logits, labels):
+    """One test batch's values for common.loop.evaluate, whose per-sample means over the test set are logged: top-1,
+    top-5 and CE of every network and of a real ensemble (mean of the students' logits), the students' average
+    top-1, and the released 'Ensemble Acc' (oracle: a sample counts when ANY student is right). LOGITS: predict()."""
+    logits = {name: at_least_fp32(z) for name, z in logits.items()}
+    students = [z for name, z in logits.items() if name.startswith("student")]
+    logits["ensemble"] = torch.stack(students).mean(0)
+    values = {}
+    for name, z in logits.items():
+        values.update(topk_accuracy(z, labels, (1, 5), f"{name}/"))
+        values[f"{name}/loss"] = F.cross_entropy(z, labels)
+    hits = torch.stack([z.argmax(1).eq(labels) for z in students])
+    values["ensemble_oracle/top1"] = 100.0 * hits.any(0).double().mean()
+    values["average/top1"] = 100.0 * hits.double().mean()
+    return values

@@ -75,24 +75,31 @@ def test_device_loader_order_semantics(synthetic_root):
 def test_fast_turns_on_what_helps_on_the_run_s_device():
     from argparse import Namespace
 
-    from common.fast import resolve_fast_args
+    from common.fast import Fast
 
     def resolved(device, **given):
-        args = Namespace(fast=True, device=device, data_on_device=False, amp="none", channels_last=False,
-                         compile=False, **given)
-        resolve_fast_args(args)
-        return args.data_on_device, args.amp, args.channels_last, args.compile
+        args = Namespace(**{"fast": True, "data_on_device": False, "amp": "none", "channels_last": False,
+                            "compile": False, **given})
+        fast = Fast.from_args(args, device)
+        return fast.data_on_device, fast.amp, fast.channels_last, fast.compile
 
     assert resolved("cuda") == resolved("cuda:1") == (True, "bf16", True, True)
     assert resolved("cpu") == (False, "none", True, False)  # bf16, compile and device data measured slower there
-    given = Namespace(fast=False, device="cpu", data_on_device=False, amp="bf16", channels_last=False, compile=True)
-    assert resolve_fast_args(given).amp == "bf16" and given.compile and not given.channels_last  # no --fast: as given
-    args = Namespace(fast=True, device="cpu", data_on_device=False, amp="none", channels_last=False, compile=True)
-    assert resolve_fast_args(args).compile and args.channels_last  # --fast --compile on the CPU keeps compile
+    assert resolved("cpu", fast=False, amp="bf16", compile=True) == (False, "bf16", False, True)  # no --fast: as given
+    assert resolved("cpu", compile=True)[3] and resolved("cpu", compile=True)[2]  # --fast --compile keeps compile
 
 
-def test_ffsd_fast_follows_the_device_its_gpu_ids_pick():
-    from ffsd.options import parse
-    args = parse(["--fast", "--gpu_ids", "-1"])
-    assert args.device == "cpu" and (args.data_on_device, args.amp, args.channels_last, args.compile) == \
-        (False, "none", True, False)
+def test_the_fast_value_moves_batches_and_prepares_modules():
+    import torch.nn as nn
+
+    from common.fast import Fast, at_least_fp32
+    fast = Fast(torch.device("cpu"), channels_last=True)
+    x, y = fast.inputs(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
+    assert x.is_contiguous(memory_format=torch.channels_last) and y.tolist() == [0, 1]
+    conv = fast.prepare(nn.Conv2d(3, 4, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not Fast().enabled and Fast(amp="bf16").enabled
+    with Fast(amp="bf16").autocast():
+        z = nn.Linear(4, 4)(torch.randn(2, 4))
+    assert z.dtype == torch.bfloat16 and at_least_fp32(z).dtype == torch.float32
+    assert at_least_fp32(torch.zeros(1, dtype=torch.float64)).dtype == torch.float64

@@ -1,6 +1,6 @@
-"""FFSD: fingerprints, the training step, the scripts on synthetic data (parity: test_ffsd_parity.py)."""
+"""FFSD: fingerprints, the training step, the scripts on synthetic data (parity: test_ffsd_parity.py; resume and the
+run-folder rules: test_ffsd_runs.py)."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,10 +9,13 @@ import torch
 
 from conftest import REPO
 
+from common.cli import run_main
 from common.logging import read_log
 from ffsd.losses import lambda_warmup
 from ffsd.models import create_decoder, create_fusion_module, create_model
 from ffsd.training import build_networks, build_optimizers, imagenet_lr, train_step, warmed_up_lambdas
+
+from test_ffsd_runs import one_thread  # noqa: F401  (autouse: small batches run fastest on one thread)
 
 LAMBDAS = {"diversity": 1e-5, "fusion": 10.0, "self_distillation": 1000.0}
 
@@ -137,7 +140,7 @@ def test_cifar_smoke_run_writes_everything(cifar_run):
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in records)
     for name in ("model0_best.pth", "model1_best.pth", "modelfusion_best.pth", "modelleader_best.pth"):
         assert (cifar_run / "checkpoints" / name).exists()
-    for name in ("checkpoint.pt", "logger.log", "config.txt", "args.json", "finished"):
+    for name in ("checkpoint.pt", "epoch_end.pt", "logger.log", "config.txt", "args.json", "finished"):
         assert (cifar_run / name).exists()
     log_text = (cifar_run / "logger.log").read_text()
     assert "Model[Fusion]/[Leader] Epoch" in log_text and " | Epoch[1]\tTime" in log_text
@@ -150,33 +153,22 @@ def layout_of(state):
     return [[k, list(v.shape)] for k, v in state.items()]
 
 
-def test_test_py_reads_authors_and_prefixed_checkpoints(cifar_run, synthetic_root, tmp_path):
+def test_test_py_reads_authors_and_prefixed_checkpoints(cifar_run, synthetic_root, tmp_path, capsys):
     from ffsd.test import main as test_main
     authors = cifar_run / "checkpoints" / "modelleader_best.pth"
     prefixed = tmp_path / "prefixed.pth"
     weights = torch.load(authors, weights_only=False)["weight"]
     torch.save({"module." + k: v for k, v in weights.items()}, prefixed)
     common = ["--data-root", str(synthetic_root), "--workers", "0", "--eval-batches", "1", "--test_batch_size", "8"]
-    for path in (authors, prefixed, cifar_run / "checkpoint.pt"):
-        assert test_main(common + ["--model", "resnet20", "--load_path", str(path)]) == 0
-    assert test_main(common + ["--model", "resnet32", "--load_path", str(prefixed)]) == 2  # wrong architecture
-    assert test_main(common + ["--model", "resnet20", "--load_path", str(tmp_path / "missing.pth")]) == 2
-
-
-def test_resume_after_kill_is_bit_exact(cifar_run, synthetic_root, tmp_path):
-    run_dir = tmp_path / "killed"
-    args = [sys.executable, "-m", "ffsd.cifar", *SMOKE, "--data-root", str(synthetic_root), "--run-dir", str(run_dir),
-            "--save-every-steps", "1"]
-    env = dict(os.environ, FFSD_KILL_AT_STEP="3")  # inside epoch 2
-    killed = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True)
-    assert killed.returncode != 0 and not (run_dir / "finished").exists()
-    resumed = subprocess.run(args + ["--continue_train"], cwd=REPO, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = torch.load(cifar_run / "checkpoint.pt", weights_only=False)["networks"]
-    b = torch.load(run_dir / "checkpoint.pt", weights_only=False)["networks"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["epoch"] for r in read_log(run_dir)] == [1, 2]
-    assert read_log(run_dir)[-1]["train/loss"] == read_log(cifar_run)[-1]["train/loss"]
+    accuracies = [test_main(common + ["--model", "resnet20", "--load_path", str(path)])
+                  for path in (authors, prefixed, cifar_run / "checkpoint.pt")]
+    assert accuracies[0] == accuracies[1] == accuracies[2]
+    assert capsys.readouterr().out.count("Model[Leader]:\tAccuracy ") == 3
+    for model, path, message in (("resnet32", prefixed, "weights do not fit the resnet32 leader"),
+                                 ("resnet20", tmp_path / "missing.pth", "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            run_main(test_main, common + ["--model", model, "--load_path", str(path)])
+        assert e.value.code == 1 and message in capsys.readouterr().err
 
 
 def tiny_run(model, synthetic_root, tmp_path, steps):

@@ -1,16 +1,17 @@
 """FFSD fast path: channels_last / compile give the faithful losses (within the parity rule's tolerance: 8 x our own
 measured float32-vs-float64 spread), bf16 autocast stays close, and a training run with CIFAR on the device (augmented
 there) logs falling losses and resumes exactly."""
-import argparse
 import json
 
 import pytest
 import torch
 
+from common.fast import Fast
 from common.logging import read_log
-from common.fast import autocast
 from common.parity import Report
 from ffsd.training import build_networks, build_optimizers, prepare_networks, train_step, warmed_up_lambdas
+
+from test_ffsd_runs import assert_same_run, killed, one_thread  # noqa: F401  (one_thread: autouse)
 
 LAMBDAS = {"diversity": 1e-5, "fusion": 10.0, "self_distillation": 1000.0}
 NETWORK_TOTALS = ("student0/total", "student1/total", "fusion/total", "leader/total")
@@ -25,17 +26,17 @@ def fixture_batch():
 
 def one_step(channels_last=False, compile=False, amp="none", dtype=torch.float32):
     """Loss terms of one iteration from seed-0 weights, and every network's state afterwards."""
-    args = argparse.Namespace(channels_last=channels_last, compile=compile, amp=amp)
+    fast = Fast(torch.device("cpu"), amp=amp, channels_last=channels_last, compile=compile)
     torch.manual_seed(0)
     nets = build_networks("resnet20").to(dtype)
-    forward = prepare_networks(nets, args)
+    forward = prepare_networks(nets, fast)
     x, y = fixture_batch()
     x = x.to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     nets.train()
     terms, _ = train_step(nets, build_optimizers(nets), x, y, warmed_up_lambdas(LAMBDAS, 6), forward=forward,
-                          autocast=lambda: autocast(args, "cpu"))
+                          autocast=fast.autocast)
     return terms, nets.state_dict()
 
 
@@ -81,24 +82,22 @@ def test_bf16_autocast_stays_close_to_fp32(faithful):
     assert all(torch.isfinite(v) for v in terms.values())
 
 
-FAST = ["--model", "resnet20", "--lr", "0.02", "--steps-per-epoch", "3", "--eval-batches", "1",
+FAST = ["--model", "resnet20", "--lr", "0.02", "--steps-per-epoch", "3", "--eval-batches", "1", "--n_epochs", "4",
         "--train_batch_size", "8", "--test_batch_size", "8", "--quiet", "--seed", "1", "--data-on-device",
-        "--device", "cpu"]
+        "--device", "cpu", "--save-every-steps", "2"]
 
 
 def test_data_on_device_run_logs_falling_loss_and_resumes_exactly(synthetic_root, tmp_path):
     from ffsd.train import main
     full, split = tmp_path / "full", tmp_path / "split"
-    main(FAST + ["--n_epochs", "4", "--data-root", str(synthetic_root), "--run-dir", str(full)])
+    main(FAST + ["--data-root", str(synthetic_root), "--run-dir", str(full)])
     assert json.loads((full / "args.json").read_text())["data_on_device"] is True
     records = read_log(full)
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert records[-1]["train/loss"] < records[0]["train/loss"]
     assert (full / "finished").exists() and (full / "checkpoints" / "modelleader_best.pth").exists()
-    # stop after epoch 2, continue to the end: the device loader's generator is checkpointed, so the result is equal
-    main(FAST + ["--n_epochs", "3", "--data-root", str(synthetic_root), "--run-dir", str(split)])
-    main(FAST + ["--n_epochs", "4", "--data-root", str(synthetic_root), "--run-dir", str(split), "--resume"])
-    a = torch.load(full / "checkpoint.pt", weights_only=False)["networks"]
-    b = torch.load(split / "checkpoint.pt", weights_only=False)["networks"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["train/loss"] for r in read_log(split)] == [r["train/loss"] for r in records]
+    # killed inside epoch 3 after its mid-epoch checkpoint: the device loader's generator is checkpointed with the
+    # epoch's start state, so the resumed run draws the same order and augmentation
+    assert killed(FAST + ["--data-root", str(synthetic_root), "--run-dir", str(split)], 8) == -9
+    main(FAST + ["--data-root", str(synthetic_root), "--run-dir", str(split), "--resume"])
+    assert_same_run(full, split)

@@ -16,7 +16,7 @@ class DenseLayer(nn.Module):
         self.drop_rate = drop_rate
 
     def forward(self, x):
-        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv1(F.relu(self.bn1(x), inplace=True))  # on the BN output: X is concatenated below
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
         return torch.cat((x, out), 1)
@@ -31,7 +31,7 @@ class Transition(nn.Module):
         self.conv1 = nn.Conv2d(in_planes, out_planes, 1, bias=False)
 
     def forward(self, x):
-        return F.avg_pool2d(self.conv1(F.relu(self.bn1(x))), 2)
+        return F.avg_pool2d(self.conv1(F.relu(self.bn1(x), inplace=True)), 2)
 
 
 class DenseNet(Backbone):
@@ -64,7 +64,7 @@ class DenseNet(Backbone):
     def features(self, x):
         f1 = self.dense1(self.conv1(x))
         f2 = self.dense2(self.trans1(f1))
-        f3 = F.relu(self.bn(self.dense3(self.trans2(f2))))
+        f3 = F.relu(self.bn(self.dense3(self.trans2(f2))), inplace=True)
         return [f1, f2, f3]
 
     def classify(self, last):

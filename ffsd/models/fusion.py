@@ -21,8 +21,8 @@ class FusionModule(nn.Module):
         reset_parameters(self)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        fused = F.relu(self.bn1_1(self.conv1_1(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)  # on BN outputs, which BN does not keep for backward
+        fused = F.relu(self.bn1_1(self.conv1_1(x)), inplace=True)
         logits = self.fc2(F.avg_pool2d(fused, self.spatial).flatten(1))
         return logits, fused
 
@@ -40,5 +40,5 @@ class TransFusionModule(nn.Module):
         self.bn1_1 = nn.BatchNorm2d(channel * model_num)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn1_1(self.conv1_1(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)  # on BN outputs: X, the leader's last map, is untouched
+        return F.relu(self.bn1_1(self.conv1_1(x)), inplace=True)

@@ -13,7 +13,7 @@ class SelfDistillationModule(nn.Module):
         self.norm = nn.BatchNorm2d(out_channels)
 
     def forward(self, x):
-        return F.relu(self.norm(self.convtranpose(x)))
+        return F.relu(self.norm(self.convtranpose(x)), inplace=True)  # on the BN output (BN keeps its input)
 
 
 class SelfDistillationModel(nn.Module):
