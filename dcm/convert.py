@@ -64,22 +64,23 @@ def export_checkpoint(checkpoint_path, out_path):
     """Write a checkpoint.pt of dcm/main.py in the released model.pt7 layout."""
     from common.checkpoint import load_checkpoint
     ckpt = load_checkpoint(checkpoint_path)
-    nets = ckpt["nets"]
-    archs = ckpt["meta"]["archs"]
-    out = {"params": to_released(nets[0], archs[0]), "epoch": ckpt["epoch"], "optimizer": ckpt["optimizer"]}
+    run = ckpt["run"]  # DCMRun.state_dict()
+    nets, archs = run["nets"], run["archs"]
+    out = {"params": to_released(nets[0], archs[0]), "epoch": ckpt["epochs_done"], "optimizer": run["optimizer"]}
     if len(nets) > 1:
         out["params_2"] = to_released(nets[1], archs[1])
     torch.save(out, out_path)
     return out_path
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="checkpoint.pt written by dcm/main.py")
+    parser.add_argument("checkpoint", help="checkpoint.pt (or epoch_end.pt) written by dcm/main.py")
     parser.add_argument("out", help="file to write (model.pt7 layout)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
 
 
 if __name__ == "__main__":
-    main()
+    from common.cli import run_main
+    run_main(main)

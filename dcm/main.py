@@ -4,11 +4,12 @@
     cd dcm && python main.py --net2 mobilenet                          # WRN-28-10 | MobileNet, DCM (wrn_mobi/main.py)
     python -m dcm.main --method dml ...                                # two networks, final heads, CE + mutual KL
     python -m dcm.main --method baseline --net2 none ...               # one network trained alone
+    python -m dcm.main ... --resume                                    # continue the run in --run-dir (--save)
 
 Every option of the authors' main.py keeps its name, default and meaning; see dcm/README.md. Faithful to the
 released code: one SGD over both networks, rebuilt (momentum reset) at each learning-rate drop, the 24-term loss,
 reflect padding, CIFAR-10 normalisation constants. Unlike it, every head of both networks is evaluated each epoch,
-both networks are checkpointed, and --resume works.
+both networks are checkpointed, and --resume works (common.loop.fit drives the epochs; DCMRun is the paper's part).
 
 The fast path (common.fast; all off by default; `--fast` turns it all on on a GPU, channels_last alone on the CPU):
 --data-on-device keeps CIFAR on the device and augments there with the released reflect padding and pad -> flip ->
@@ -23,11 +24,14 @@ import os
 import torch
 import torch.nn as nn
 
-from common.checkpoint import CHECKPOINT_NAME, ResumableEpoch, load_checkpoint, save_checkpoint
+from common.cli import run_main
 from common.data import cifar_datasets, cifar_test_transform, cifar_train_transform, make_loader
-from common.fast import DeviceCifarLoader, add_fast_args, autocast, prepare_model, resolve_fast_args
-from common.logging import FiniteGuard, RunLogger, add_common_args
-from common.meters import AccuracyMeter, Timer
+from common.distributed import DistContext
+from common.fast import DeviceCifarLoader, add_fast_args
+from common.logging import RunLogger
+from common.loop import Run, evaluate, fit
+from common.meters import Timer, topk_accuracy
+from common.options import RunSetup, add_run_args, check_positive, loader_workers, setup_run
 from dcm.losses import cross_entropy, loss_terms, term_names, total_loss
 from dcm.mobilenet import MobileNet
 from dcm.resnet import WRN, wrn_hyper
@@ -39,9 +43,21 @@ STD = tuple(v / 255.0 for v in (63.0, 62.1, 66.7))
 RELEASED_OPTIONS = ("model", "depth", "width", "dataset", "dataroot", "dtype", "groups", "nthread", "seed",
                     "batch_size", "lr", "epochs", "weight_decay", "epoch_step", "lr_decay_ratio", "resume", "note",
                     "cuda", "save", "ngpu", "gpu_id")
+RELEASED_LOG_PREFIX = "json_stats: "
 
 
-def parse_args(argv=None):
+def epoch_list(text):
+    """--epoch_step: a JSON list of integers."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in value):
+        raise argparse.ArgumentTypeError(f"must be a JSON list of integers like '[60,120,160]'; got {text!r}")
+    return value
+
+
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # The authors' options (wrn/main.py and wrn_mobi/main.py have the same list and defaults).
     parser.add_argument("--model", default="resnet", type=str, help="only logged, as released")
@@ -50,13 +66,14 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default="CIFAR100", type=str, help="CIFAR10 or CIFAR100")
     parser.add_argument("--dtype", default="float", type=str, help="input dtype; only 'float' works, as released")
     parser.add_argument("--groups", default=1, type=int, help="only logged, as released")
-    parser.add_argument("--nthread", default=4, type=int, help="DataLoader workers (train and test)")
+    parser.add_argument("--nthread", default=loader_workers(4), type=int,
+                        help="DataLoader workers, train and test (the released 4, at most this machine's cores)")
     parser.add_argument("--seed", default=1, type=int, help="torch.manual_seed, before the networks are built")
     parser.add_argument("--batch_size", default=128, type=int, help="train and test batch size")
     parser.add_argument("--lr", default=0.1, type=float, help="initial learning rate")
     parser.add_argument("--epochs", default=200, type=int)
     parser.add_argument("--weight_decay", default=0.0005, type=float, help="SGD weight decay on every parameter")
-    parser.add_argument("--epoch_step", default="[60,120,160]", type=str,
+    parser.add_argument("--epoch_step", default="[60,120,160]", type=epoch_list,
                         help="JSON list of 1-based epochs at whose start the lr is multiplied by --lr_decay_ratio "
                              "and the optimizer rebuilt (momentum reset)")
     parser.add_argument("--lr_decay_ratio", default=0.2, type=float)
@@ -75,11 +92,15 @@ def parse_args(argv=None):
                              "baseline: final heads, CE only (each network trained alone)")
     parser.add_argument("--print_freq", default=20, type=int,
                         help="iterations between reads of the running loss (progress bar, NaN check)")
-    add_common_args(parser, data_root_default="./data", data_root_flags=("--data-root", "--dataroot"))
+    add_run_args(parser, data_root_aliases=("--dataroot",))
     add_fast_args(parser)
-    args = parser.parse_args(argv)
-    resolve_fast_args(args)
+    return parser
 
+
+def check_args(parser, args):
+    """Every value the script cannot honour is a parser error (nothing is written into ARGS)."""
+    check_positive(parser, args, ["batch_size", "epochs", "lr", "lr_decay_ratio", "ngpu", "print_freq", "nthread",
+                                  "weight_decay"], allow_zero=("nthread", "weight_decay"))
     try:
         wrn_hyper(args.depth, args.width)
     except ValueError as e:
@@ -87,24 +108,64 @@ def parse_args(argv=None):
     if args.dtype != "float":
         parser.error(f"--dtype {args.dtype!r}: the parameters are float32, so only --dtype float can run "
                      f"(the released code broke with any other value)")
-    try:
-        args.epoch_step = json.loads(args.epoch_step) if isinstance(args.epoch_step, str) else args.epoch_step
-        if not isinstance(args.epoch_step, list) or not all(isinstance(e, int) for e in args.epoch_step):
-            raise ValueError
-    except ValueError:
-        parser.error(f"--epoch_step must be a JSON list of integers like '[60,120,160]'; got {args.epoch_step!r}")
     if args.method != "baseline" and args.net2 == "none":
         parser.error(f"--method {args.method} distils between two networks; --net2 none is for --method baseline")
     if args.dataset.upper().replace("-", "") not in ("CIFAR10", "CIFAR100"):
         parser.error(f"--dataset {args.dataset!r}: valid values are CIFAR10, CIFAR100")
-    if args.compile and args.ngpu > 1:
-        parser.error("--compile (or --fast) with --ngpu > 1: nn.DataParallel cannot replicate a compiled network")
-    for name in ("batch_size", "epochs", "nthread", "ngpu", "print_freq"):
-        if getattr(args, name) < (0 if name == "nthread" else 1):
-            parser.error(f"--{name} must be positive; got {getattr(args, name)}")
-    args.run_dir = args.run_dir or args.save or os.path.join(
-        "logs", f"wrn-{args.depth}-{args.width:g}_{args.net2}_{args.method}_seed{args.seed}")
-    return args
+    try:
+        gpu_ids = [int(i) for i in args.gpu_id.split(",")]
+    except ValueError:
+        parser.error(f"--gpu_id must be GPU numbers separated by commas, like 0 or 0,1; got {args.gpu_id!r}")
+    if args.ngpu > 1:
+        if not args.device.startswith("cuda"):
+            parser.error(f"--ngpu {args.ngpu} splits each batch over GPUs; it needs --device cuda")
+        if 1 < len(gpu_ids) < args.ngpu:
+            parser.error(f"--ngpu {args.ngpu} with --gpu_id {args.gpu_id}: name at least {args.ngpu} GPUs")
+        if args.compile or args.fast:
+            parser.error("--compile (or --fast) with --ngpu > 1: nn.DataParallel cannot replicate a compiled network")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("dcm/main.py trains in one process (--ngpu splits a batch over GPUs): launch it with python, "
+                     "not torchrun")
+
+
+def class_count(args):
+    return 10 if args.dataset.upper().replace("-", "") == "CIFAR10" else 100
+
+
+def default_run_dir(args):
+    return args.save or os.path.join("logs", f"wrn-{args.depth}-{args.width:g}_{args.net2}_{args.method}_"
+                                             f"seed{args.seed}")
+
+
+def device_name(args):
+    """--device; a bare `cuda` gets --gpu_id's first id as its index (the released script chose the GPU by it)."""
+    return f"cuda:{args.gpu_id.split(',')[0]}" if args.device == "cuda" else args.device
+
+
+def data_parallel_ids(args):
+    ids = [int(i) for i in args.gpu_id.split(",")]
+    return (ids if len(ids) > 1 else list(range(args.ngpu)))[: args.ngpu]
+
+
+def cifar_sets(args):
+    """The released datasets: reflect padding, pad -> flip -> crop, CIFAR-10 normalisation; downloaded into
+    --dataroot when missing, as released."""
+    return cifar_datasets(args.dataset, args.data_root, cifar_train_transform(MEAN, STD, "reflect", "pad_flip_crop"),
+                          cifar_test_transform(MEAN, STD), download=True, flag="--dataroot")
+
+
+def cifar_loaders(args, train_set, test_set, fast):
+    """Train and test loaders: the released torchvision pipeline, or the same augmentation on the device
+    (--data-on-device, drawing from its own generator seeded with --seed). Released semantics either way: batch
+    --batch_size for train and test, train shuffled, test in order, no drop_last."""
+    if fast.data_on_device:
+        shared = dict(device=fast.device, mean=MEAN, std=STD, padding_mode="reflect", order="pad_flip_crop",
+                      drop_last=False, seed=args.seed)
+        return (DeviceCifarLoader(train_set, args.batch_size, train=True, shuffle=True, **shared),
+                DeviceCifarLoader(test_set, args.batch_size, train=False, shuffle=False, **shared))
+    pin = fast.device.type == "cuda"
+    return (make_loader(train_set, args.batch_size, shuffle=True, workers=args.nthread, pin_memory=pin),
+            make_loader(test_set, args.batch_size, shuffle=False, workers=args.nthread, pin_memory=pin))
 
 
 def build_networks(args, num_classes):
@@ -175,183 +236,6 @@ def optimizer_for_epoch(optimizer, params, epoch, args):
     return make_optimizer(params, optimizer.param_groups[0]["lr"] * args.lr_decay_ratio, args.weight_decay)
 
 
-def train_step(models, optimizer, x, y, distill, args, device):
-    """One released iteration: zero_grad, forward net 1 then net 2 on the same batch, the loss, backward, SGD step.
-
-    Under --amp bf16 only the forwards run in autocast: loss_terms takes every logit in at least fp32, so the
-    softmaxes, CEs and KLs are fp32. Returns the pre-update outputs, the loss terms and the total, all still on the
-    device.
-    """
-    optimizer.zero_grad()
-    with autocast(args, device):
-        outputs = forward_all(models, x)
-    terms = loss_terms(outputs, y, distill)
-    loss = total_loss(terms)
-    loss.backward()
-    optimizer.step()
-    return outputs, terms, loss
-
-
-def to_device(x, y, device, channels_last):
-    x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True).long()
-    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
-
-
-def cifar_loaders(args, device):
-    """Train and test loaders: the released torchvision pipeline, or the same augmentation on the device.
-
-    Released semantics either way: reflect padding, pad -> flip -> crop, CIFAR-10 normalisation, batch
-    --batch_size for train and test, train shuffled, test in order, no drop_last.
-    """
-    train_set, test_set = cifar_datasets(args.dataset, args.data_root,
-                                         cifar_train_transform(MEAN, STD, "reflect", "pad_flip_crop"),
-                                         cifar_test_transform(MEAN, STD), download=True, flag="--dataroot")
-    if args.data_on_device:
-        common = dict(device=device, mean=MEAN, std=STD, padding_mode="reflect", order="pad_flip_crop",
-                      drop_last=False, seed=args.seed, channels_last=args.channels_last)
-        return (DeviceCifarLoader(train_set, args.batch_size, train=True, shuffle=True, **common),
-                DeviceCifarLoader(test_set, args.batch_size, train=False, shuffle=False, **common))
-    pin = device.type == "cuda"
-    return (make_loader(train_set, args.batch_size, shuffle=True, workers=args.nthread, pin_memory=pin),
-            make_loader(test_set, args.batch_size, shuffle=False, workers=args.nthread, pin_memory=pin))
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(args.gpu_id.split(",")[0]))
-    torch.backends.cudnn.benchmark = True  # as released
-    num_classes = 10 if args.dataset.upper().replace("-", "") == "CIFAR10" else 100
-
-    torch.manual_seed(args.seed)
-    train_loader, test_loader = cifar_loaders(args, device)
-
-    # `nets` are the plain modules (their state_dicts go into checkpoints); `models` are what gets called: the same
-    # modules in channels_last, compiled, or data-parallel as requested.
-    nets = [net.to(device) for net in build_networks(args, num_classes)]
-    archs = ["wrn"] + ([args.net2] if len(nets) > 1 else [])
-    models = [prepare_model(net, args) for net in nets]
-    if args.ngpu > 1:
-        ids = [int(i) for i in args.gpu_id.split(",")] if "," in args.gpu_id else list(range(args.ngpu))
-        models = [nn.DataParallel(model, device_ids=ids[: args.ngpu]) for model in models]
-    params = trainable_parameters(nets)
-    n_parameters = sum(p.numel() for p in params)
-    distill = args.method != "baseline"
-    on_device_data = isinstance(train_loader, DeviceCifarLoader)  # draws from its own generator, checkpointed
-
-    optimizer = make_optimizer(params, args.lr, args.weight_decay)
-    logger = RunLogger(args.run_dir, args, script=SCRIPT, quiet=args.quiet, device=device)
-    logger.print(f"==> networks: {' | '.join(archs)}, method {args.method}, parameters: "
-                 + ", ".join(f"{net_label(i)} {sum(p.numel() for p in n.parameters()):,}" for i, n in enumerate(nets))
-                 + f" (total {n_parameters:,})")
-    ckpt_path = os.path.join(args.run_dir, CHECKPOINT_NAME)
-    log_txt = os.path.join(args.run_dir, "log.txt")
-    meta = {"script": SCRIPT, "archs": archs, "depth": args.depth, "width": args.width, "method": args.method,
-            "dataset": args.dataset, "batch_size": args.batch_size, "seed": args.seed}
-    keys = head_keys(nets)
-
-    start_epoch, epoch_resume, best = 0, None, {}
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, expect_meta=meta, map_location=device, restore_rng=True)
-        for net, state in zip(nets, ckpt["nets"]):
-            net.load_state_dict(state)
-        optimizer = make_optimizer(params, ckpt["optimizer"]["param_groups"][0]["lr"], args.weight_decay)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, epoch_resume, best = ckpt["epoch"], ckpt.get("epoch_state"), ckpt.get("best", {})
-        loader_state = (epoch_resume or ckpt).get("train_loader")
-        if on_device_data and loader_state is not None:
-            train_loader.load_state_dict({"generator": loader_state["generator"].cpu()})
-        logger.truncate_after(start_epoch)
-        if os.path.exists(log_txt):
-            with open(log_txt) as f:
-                lines = [line for line in f if json.loads(line[len("json_stats: "):])["epoch"] <= start_epoch]
-            with open(log_txt, "w") as f:
-                f.writelines(lines)
-        logger.print(f"==> resumed from {ckpt_path} at epoch {start_epoch}"
-                     + (f", step {epoch_resume['step']}" if epoch_resume else ""))
-
-    def save(epoch, epoch_state=None):
-        guard.check(f"epoch {epoch + 1}", ckpt_path if os.path.exists(ckpt_path) else None)
-        state = {"nets": [net.state_dict() for net in nets], "optimizer": optimizer.state_dict(), "epoch": epoch,
-                 "epoch_state": epoch_state, "best": best}
-        if on_device_data:  # where the device loader's generator stands at this epoch end
-            state["train_loader"] = train_loader.state_dict()
-        save_checkpoint(ckpt_path, state, meta=meta)
-
-    guard = FiniteGuard()
-    names, record = None, None
-    for epoch in range(start_epoch, args.epochs):
-        if epoch_resume is None:  # a mid-epoch resume restored the optimizer of this epoch
-            optimizer = optimizer_for_epoch(optimizer, params, epoch, args)
-        for model in models:
-            model.train()
-        timer = Timer()
-        # Running sums kept on the device (read at the print interval and the epoch end). In float64, so that they
-        # equal a Python-float accumulation of loss.item(): [sum of batch losses (the released unweighted
-        # per-batch meter), sum of batch size x batch loss (per-sample mean)].
-        loss_sums, batches_seen, samples_seen = torch.zeros(2, dtype=torch.float64, device=device), 0, 0
-        term_sums = None
-        train_acc = {k: AccuracyMeter() for _, _, k in keys}
-        loader_state = train_loader.state_dict() if on_device_data else None  # for a mid-epoch checkpoint
-        batches = ResumableEpoch(train_loader, resume=epoch_resume)
-        if epoch_resume:  # the epoch's running meters continue where the checkpoint left them
-            m = epoch_resume["meters"]
-            loss_sums, batches_seen, samples_seen = m["loss_sums"].to(device), m["batches"], m["samples"]
-            term_sums = m["term_sums"].to(device) if m["term_sums"] is not None else None
-            for k, state in m["acc"].items():
-                vars(train_acc[k]).update({n: (v.to(device) if torch.is_tensor(v) else v) for n, v in state.items()})
-        epoch_resume = None
-        total = min(len(train_loader), args.steps_per_epoch or len(train_loader))
-        progress = logger.progress(batches, desc=f"epoch {epoch + 1}/{args.epochs}", total=total)
-        for step, (x, y) in progress:
-            if args.steps_per_epoch and step >= args.steps_per_epoch:
-                break
-            x, y = to_device(x, y, device, args.channels_last)
-            n = x.size(0)
-            outputs, terms, loss = train_step(models, optimizer, x, y, distill, args, device)
-            guard.update(loss)
-            names = names or term_names(outputs, distill)
-            detached = torch.stack([t.detach() for t in terms])
-            term_sums = detached * n if term_sums is None else term_sums + detached * n
-            batch_loss = loss.detach().double()
-            loss_sums += torch.stack([batch_loss, batch_loss * n])
-            batches_seen, samples_seen = batches_seen + 1, samples_seen + n
-            for i, h, k in keys:
-                train_acc[k].update(outputs[i][h], y)  # pre-update outputs, as released
-            if (step + 1) % args.print_freq == 0:  # the only host syncs of the loop
-                guard.check(f"epoch {epoch + 1}, step {step + 1}", ckpt_path if os.path.exists(ckpt_path) else None)
-                if hasattr(progress, "set_postfix"):
-                    progress.set_postfix(loss=f"{loss.item():.3f}")
-            if args.save_every_steps and (step + 1) % args.save_every_steps == 0:
-                save(epoch, dict(batches.state(step + 1), train_loader=loader_state, meters={
-                    "loss_sums": loss_sums, "batches": batches_seen, "samples": samples_seen,
-                    "term_sums": term_sums, "acc": {k: dict(vars(a)) for k, a in train_acc.items()}}))
-        guard.check(f"epoch {epoch + 1}", ckpt_path if os.path.exists(ckpt_path) else None)
-        train_time = timer.elapsed()
-
-        test = evaluate(models, nets, archs, test_loader, device, args, distill)
-        test_time = timer.elapsed() - train_time
-        loss_batch_sum, loss_sample_sum = loss_sums.tolist()
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time": train_time + test_time,
-                  "images_per_s": samples_seen / max(train_time, 1e-9), "train_time": train_time,
-                  "test_time": test_time, "train/loss": loss_sample_sum / samples_seen,
-                  "train/loss_per_batch": loss_batch_sum / batches_seen}
-        record.update({f"train/{term_key(n)}": v / samples_seen for n, v in zip(names, term_sums.tolist())})
-        record.update({f"train/{k}/top1": train_acc[k].per_sample()[1] for _, _, k in keys})
-        record.update(test)
-        for k in [k for k in record if k.startswith("test/") and k.endswith("/top1")]:
-            best[k] = max(best.get(k, 0.0), record[k])
-            record["best/" + k[len("test/"):]] = best[k]
-        save(epoch + 1)
-        logger.log_epoch(record)
-        write_released_log(log_txt, args, archs, record, num_classes, n_parameters)
-        logger.print(f"==> id: {args.run_dir} ({epoch + 1}/{args.epochs}), test_acc: {record['test/net1/top1']:.2f}"
-                     + (f", net2 test_acc: {record['test/net2/top1']:.2f}" if len(nets) > 1 else "")
-                     + f", train loss {record['train/loss']:.4f}")
-    logger.finish({k: v for k, v in (record or {}).items() if k.startswith(("test/", "best/"))})
-
-
 def test_outputs(models, nets, archs, x):
     """One test batch: the outputs of every network with eval-mode BN, and those of the released test path, where
     MobileNet keeps train-mode BN (batch statistics). That pass would write the test batch into MobileNet's running
@@ -371,51 +255,136 @@ def test_outputs(models, nets, archs, x):
     return outputs, released
 
 
-@torch.no_grad()
-def evaluate(models, nets, archs, loader, device, args, distill):
-    """Every head of every network, eval-mode BN; MobileNet also with batch-statistics BN (the released test path).
-
-    The released test loss is the method's loss with the WRNs in eval mode and MobileNet in train mode; its
-    per-batch unweighted mean is logged as test/loss. Losses are summed on the device in float64 (equal to summing
-    their .item()s) and read once at the end.
-    """
-    keys = head_keys(nets)
-    acc = {k: AccuracyMeter() for _, _, k in keys}
-    mobile = [i for i, a in enumerate(archs) if a == "mobilenet"]
-    batch_stats_acc = {k: AccuracyMeter() for i, _, k in keys if i in mobile}
-    ce_sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # sum of batch size x head CE
-    released_loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of batch losses
-    batches, samples = 0, 0
-    for b, (x, y) in enumerate(loader):
-        if args.eval_batches and b >= args.eval_batches:
-            break
-        x, y = to_device(x, y, device, args.channels_last)
-        with autocast(args, device):
-            outputs, released = test_outputs(models, nets, archs, x)
-        ce = torch.stack([cross_entropy(outputs[i][h], y) for i, h, _ in keys])
-        ce_sums += ce.double() * x.size(0)
-        for i, h, k in keys:
-            acc[k].update(outputs[i][h], y)
-            if i in mobile:
-                batch_stats_acc[k].update(released[i][h], y)
-        released_loss_sum += total_loss(loss_terms(released, y, distill)).double()
-        batches, samples = batches + 1, samples + x.size(0)
-    record = {"test/loss": released_loss_sum.item() / max(batches, 1)}
-    for (_, _, k), ce_sum in zip(keys, ce_sums.tolist()):
-        top = acc[k].per_sample()
-        record.update({f"test/{k}/loss": ce_sum / max(samples, 1), f"test/{k}/top1": top[1],
-                       f"test/{k}/top5": top[5]})
-    for k, meter in batch_stats_acc.items():
-        top = meter.per_sample()
-        name = k.replace("net2", "net2_batchstats", 1)
-        record.update({f"test/{name}/top1": top[1], f"test/{name}/top5": top[5]})
-    return record
+def batch_stats_key(key):
+    """'net2/aux1' -> 'net2_batchstats/aux1': MobileNet's heads on the released batch-statistics test pass."""
+    return key.replace("net2", "net2_batchstats", 1)
 
 
-def write_released_log(path, args, archs, record, num_classes, n_parameters):
+class DCMRun(Run):
+    """The released training of one pair (or, for the baseline, of networks that never interact): NETS are the plain
+    modules on the setup's device (build_networks); what gets called is the same modules in channels_last, compiled
+    or data-parallel as requested. One SGD over every tensor of both networks, rebuilt at each lr drop."""
+
+    def __init__(self, setup, args, nets, test_loader=None):
+        self.setup, self.args, self.test_loader = setup, args, test_loader
+        self.nets = nets
+        self.archs = ["wrn"] + ([args.net2] if len(nets) > 1 else [])
+        self.models = [setup.fast.prepare(net) for net in nets]
+        if args.ngpu > 1:
+            self.models = [nn.DataParallel(model, device_ids=data_parallel_ids(args)) for model in self.models]
+        self.params = trainable_parameters(nets)
+        self.distill = args.method != "baseline"
+        self.heads = head_keys(nets)
+        self.optimizer = make_optimizer(self.params, args.lr, args.weight_decay)
+        self.best = {}
+        self.log_txt = os.path.join(setup.run_dir, "log.txt")
+
+    def describe(self):
+        sizes = [sum(p.numel() for p in net.parameters()) for net in self.nets]
+        return (f"==> networks: {' | '.join(self.archs)}, method {self.args.method}, parameters: "
+                + ", ".join(f"{net_label(i)} {n:,}" for i, n in enumerate(sizes)) + f" (total {sum(sizes):,})")
+
+    def on_epoch_start(self, epoch):
+        self.optimizer = optimizer_for_epoch(self.optimizer, self.params, epoch, self.args)
+        for model in self.models:
+            model.train()
+
+    def iteration(self, x, y):
+        """One released iteration: zero_grad, forward net 1 then net 2 on the same batch, the loss, backward, SGD step.
+
+        Under --amp bf16 only the forwards run in autocast: loss_terms takes every logit in at least fp32, so the
+        softmaxes, CEs and KLs are fp32. Returns the pre-update outputs, the loss terms and the total, all still on the
+        device.
+        """
+        self.optimizer.zero_grad()
+        with self.setup.fast.autocast():
+            outputs = forward_all(self.models, x)
+        terms = loss_terms(outputs, y, self.distill)
+        loss = total_loss(terms)
+        loss.backward()
+        self.optimizer.step()
+        return outputs, terms, loss
+
+    def train_step(self, step, x, y):
+        outputs, terms, loss = self.iteration(x, y)
+        values = {"loss": loss.detach()}
+        values.update({term_key(name): t.detach() for name, t in zip(term_names(outputs, self.distill), terms)})
+        for i, h, key in self.heads:  # the pre-update outputs' accuracy, as released
+            values.update(topk_accuracy(outputs[i][h], y, (1,), f"{key}/"))
+        return values
+
+    def train_record(self, meter):
+        """Per-sample means, and the released meter's unweighted mean over batches as train/loss_per_batch."""
+        return {"lr": self.optimizer.param_groups[0]["lr"], **meter.per_sample("train/"),
+                "train/loss_per_batch": meter.per_batch()["loss"]}
+
+    def evaluate(self, epoch):
+        """Every head of every network with eval-mode BN; MobileNet also with batch-statistics BN (the released test
+        path). test/loss is the released test loss: the method's loss with the WRNs in eval mode and MobileNet in
+        train mode, as an unweighted mean over batches; everything else is a per-sample mean."""
+        timer = Timer()
+
+        def forward(x, y):
+            with self.setup.fast.autocast():
+                outputs, released = test_outputs(self.models, self.nets, self.archs, x)
+            values = {"loss": total_loss(loss_terms(released, y, self.distill))}
+            for i, h, key in self.heads:
+                values[f"{key}/loss"] = cross_entropy(outputs[i][h], y)
+                values.update(topk_accuracy(outputs[i][h], y, (1, 5), f"{key}/"))
+                if self.archs[i] == "mobilenet":
+                    values.update(topk_accuracy(released[i][h], y, (1, 5), f"{batch_stats_key(key)}/"))
+            return values
+
+        meter = evaluate(forward, self.test_loader, self.setup)
+        record = meter.per_sample("test/")
+        record["test/loss"] = meter.per_batch("test/")["test/loss"]
+        record["test_time"] = timer.elapsed()
+        return record
+
+    def on_epoch_end(self, epoch, record):
+        for key in [k for k in record if k.startswith("test/") and k.endswith("/top1")]:
+            self.best[key] = max(self.best.get(key, 0.0), record[key])
+            record["best/" + key[len("test/"):]] = self.best[key]
+        if self.setup.ctx.is_main:
+            write_released_log(self.log_txt, self.args, self.setup.run_dir, self.archs, record,
+                               self.nets[0].num_classes, sum(p.numel() for p in self.params))
+        self.setup.logger.print(
+            f"==> id: {self.setup.run_dir} ({record['epoch']}/{self.args.epochs}), test_acc: "
+            f"{record['test/net1/top1']:.2f}" + (f", net2 test_acc: {record['test/net2/top1']:.2f}"
+                                                 if len(self.nets) > 1 else "")
+            + f", train loss {record['train/loss']:.4f}")
+
+    def truncate_logs(self, epochs_done):
+        """On resume: log.txt cut back to the checkpoint's epochs (a line torn by a kill goes too)."""
+        if not os.path.exists(self.log_txt):
+            return
+        with open(self.log_txt) as f:
+            epochs = [(line, released_log_epoch(line)) for line in f]
+        with open(self.log_txt, "w") as f:
+            f.writelines(line for line, epoch in epochs if epoch is not None and epoch <= epochs_done)
+
+    def state_dict(self):
+        return {"archs": list(self.archs), "nets": [net.state_dict() for net in self.nets],
+                "optimizer": self.optimizer.state_dict(), "best": dict(self.best)}
+
+    def load_state_dict(self, state):
+        for net, net_state in zip(self.nets, state["nets"]):
+            net.load_state_dict(net_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.best = dict(state["best"])
+
+
+def detached_setup(fast, eval_batches=0):
+    """A RunSetup for a DCMRun outside a training run (the parity checker, the bench, tests): one process on the Fast
+    value's device, no run folder, nothing written or printed."""
+    return RunSetup(script="", run_dir="", device=fast.device, ctx=DistContext(device=fast.device), fast=fast,
+                    identity={}, resume=False, logger=RunLogger("", enabled=False), eval_batches=eval_batches)
+
+
+def write_released_log(path, args, run_dir, archs, record, num_classes, n_parameters):
     """Append the authors' `json_stats: {...}` line (options, then their keys; net 2's keys as in wrn_mobi)."""
     options = {k: getattr(args, k if k != "dataroot" else "data_root", None) for k in RELEASED_OPTIONS}
-    options["save"], options["resume"] = args.run_dir, ""
+    options["save"], options["resume"] = run_dir, ""
     stats = {"train_loss": record["train/loss_per_batch"], "train_acc": record["train/net1/top1"],
              "test_loss": record["test/loss"], "test_acc": record["test/net1/top1"]}
     if "test/net1/aux1/top1" in record:
@@ -428,8 +397,32 @@ def write_released_log(path, args, archs, record, num_classes, n_parameters):
     stats.update({"epoch": record["epoch"], "num_classes": num_classes, "n_parameters": n_parameters,
                   "train_time": record["train_time"], "test_time": record["test_time"]})
     with open(path, "a") as f:
-        f.write("json_stats: " + json.dumps({**options, **stats}) + "\n")
+        f.write(RELEASED_LOG_PREFIX + json.dumps({**options, **stats}) + "\n")
+
+
+def released_log_epoch(line):
+    """The epoch of one log.txt line, or None for a line a kill tore."""
+    try:
+        return json.loads(line[len(RELEASED_LOG_PREFIX):])["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def main(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    # The datasets come first, so that a missing one leaves no run folder behind; they draw no random numbers, so
+    # the released order (seed, datasets, networks) is kept.
+    train_set, test_set = cifar_sets(args)
+    setup = setup_run(parser, args, SCRIPT, default_run_dir(args), seed=args.seed, streams=("torch",),
+                      cudnn_benchmark=True, may_change=("save", "gpu_id", "print_freq"), device=device_name(args))
+    train_loader, test_loader = cifar_loaders(args, train_set, test_set, setup.fast)
+    nets = [net.to(setup.device) for net in build_networks(args, class_count(args))]
+    run = DCMRun(setup, args, nets, test_loader)
+    setup.logger.print(run.describe())
+    return fit(run, train_loader, setup, args.epochs, print_every=args.print_freq)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

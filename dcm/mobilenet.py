@@ -27,7 +27,8 @@ class Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_planes)
 
     def forward(self, x):
-        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        # ReLU in place on the BN outputs: fresh tensors that no backward reads (BN's backward reads its input).
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)), inplace=True))), inplace=True)
 
 
 def layers(cfg, in_planes):
@@ -64,7 +65,7 @@ class MobileNet(nn.Module):
         return ("aux1", "aux2", "final") if self.aux else ("final",)
 
     def forward(self, x):
-        l1 = self.layer1(F.relu(self.bn1(self.conv1(x))))
+        l1 = self.layer1(F.relu(self.bn1(self.conv1(x)), inplace=True))
         l2 = self.layer2(l1)
         final = self.linear(pool_flat(self.layer3(l2)))
         if not self.aux:

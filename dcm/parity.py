@@ -12,9 +12,9 @@ weights and batch our code then computes, through the script's own functions:
 
 * the released test path (`test_outputs`): the logits of every head with eval-mode BN, MobileNet's logits with the
   batch statistics the released test path used, and the 24 loss terms and their sum on that path;
-* one training iteration (`train_step`, with the optimizer of `make_optimizer` over `trainable_parameters` at the
-  script's lr and weight decay): the train-mode logits of every head, the 24 loss terms and their sum, the checksum
-  of every parameter and BN buffer after the step;
+* one training iteration (`DCMRun.iteration`, with the Run's own optimizer: `make_optimizer` over
+  `trainable_parameters` at the script's lr and weight decay): the train-mode logits of every head, the 24 loss
+  terms and their sum, the checksum of every parameter and BN buffer after the step;
 * a second train-mode forward after the step: its 24 loss terms and their sum.
 
 Every quantity is computed in float32 (as the reference was, and once more in the channels_last layout: other
@@ -31,6 +31,7 @@ import sys
 import torch
 
 from common import parity as core
+from common.fast import Fast
 from common.parity import F64, FixtureError, Report
 from dcm import losses
 from dcm import main as script
@@ -62,8 +63,9 @@ def configuration(fx, name):
         wrn_hyper(depth, width)
     except ValueError as e:
         raise FixtureError(f"{name}: a configuration dcm/main.py does not run: {e}") from e
-    args = script.parse_args(["--depth", str(depth), "--width", repr(width), "--seed", str(seed), "--method", "dcm",
-                              "--net2", "mobilenet" if mobile else "wrn", "--device", "cpu"])
+    args = script.get_args_parser().parse_args(["--depth", str(depth), "--width", repr(width), "--seed", str(seed),
+                                                "--method", "dcm", "--net2", "mobilenet" if mobile else "wrn",
+                                                "--device", "cpu"])
     return args, int(cfg.get("num_classes", 100)), bool(cfg.get("weights_fp16_rounded", False))
 
 
@@ -72,25 +74,6 @@ def released_state(net):
     MobileNet."""
     state = net.state_dict()
     return wrn_to_flat(state) if isinstance(net, WRN) else state
-
-
-def post_step_checksums(report, name, ours32, other32, stored, ours64, detect):
-    """Stored checksums against our float32 and float64 tensors, as Report.checksums compares them (each field
-    normalised by our float64 tensor's), with OTHER32 as a second float32 result in the measured spread."""
-    if list(ours32) != list(stored):
-        return  # the key-layout item has failed
-    entries, also = {}, {}
-    for key, ref in stored.items():
-        if list(ours64[key].shape) != list(ref["shape"]):
-            report.exact(name, False, f"{key}: shape {list(ours64[key].shape)}, reference {list(ref['shape'])}")
-            return
-        vectors = core.checksum_vectors(ours32[key], ours64[key], ref)
-        if vectors is None:
-            report.exact(name, False, f"{key}: fewer values than the stored checksum")
-            return
-        a, e, r = vectors
-        entries[key], also[key] = (a, r, e), [core.checksum_vectors(other32[key], ours64[key], ref)[0]]
-    report.entries(name, entries, scale=1.0, detect=detect, also=also)
 
 
 def check_checksums(report, name, state, stored):
@@ -143,19 +126,19 @@ def check_initial_weights(report, fx, args, num_classes, rounded):
 
 
 def compute(nets, x, y, args, dtype):
-    """Every checked quantity, computed by our code in DTYPE from NETS and the batch, through the script's
-    functions: the released test path, one training iteration, a train-mode forward after it."""
+    """Every checked quantity, computed by our code in DTYPE from NETS and the batch, through the training script's
+    DCMRun (its optimizer, its first epoch's lr policy, its iteration): the released test path, one training
+    iteration, a train-mode forward after it."""
     nets = [copy.deepcopy(net).to(dtype) for net in nets]
     x = x.to(dtype)
+    run = script.DCMRun(script.detached_setup(Fast()), args, nets)
     r = {}
     with torch.no_grad():
-        r["out_eval"], released = script.test_outputs(nets, nets, ["wrn", args.net2], x)
+        r["out_eval"], released = script.test_outputs(run.models, nets, run.archs, x)
         r["out_released_test"] = released[1]
         r["terms_test"] = losses.loss_terms(released, y)
-    for net in nets:
-        net.train()
-    optimizer = script.make_optimizer(script.trainable_parameters(nets), args.lr, args.weight_decay)
-    outputs, terms, _ = script.train_step(nets, optimizer, x, y, True, args, torch.device("cpu"))
+    run.on_epoch_start(0)
+    outputs, terms, _ = run.iteration(x, y)
     r["out_train"] = [[o.detach() for o in out] for out in outputs]
     r["terms_train"] = [t.detach() for t in terms]
     r["after"] = [{k: v.detach().clone() for k, v in released_state(net).items()} for net in nets]
@@ -222,8 +205,9 @@ def check_fixture(path, args=None):
     for i, label in enumerate(("net1", "net2")):
         stored = after[f"{label}_checksums"]
         report.equal(f"{label} after one step: keys", list(ours32["after"][i]), list(stored))
-        post_step_checksums(report, f"{label} after one step: params and BN buffers ({len(stored)} checksums)",
-                            ours32["after"][i], other32["after"][i], stored, ours64["after"][i], weight_decay_step)
+        report.checksums(f"{label} after one step: params and BN buffers ({len(stored)} checksums)",
+                         ours32["after"][i], stored, ours64["after"][i], detect=weight_decay_step,
+                         also=[other32["after"][i]])
     loss("loss after one step, same batch", "terms_after", after["loss_terms"], after["loss_train_same_batch"])
     return report
 

@@ -21,6 +21,12 @@ PUBLISHED = [
 ]
 
 
+def pair_arch(depth, width, net2):
+    """The bench's name of a pair: 'wrn-28-10|wrn-28-10', 'wrn-28-10|mobilenet', or 'wrn-28-10' trained alone."""
+    wrn = f"wrn-{depth}-{float(width):g}"
+    return wrn if net2 == "none" else f"{wrn}|{wrn if net2 == 'wrn' else 'mobilenet'}"
+
+
 def row(pair, method, net, error, std):
     partner = "mobilenet" if "MobileNet" in pair else "wrn"
     note = ""
@@ -40,14 +46,24 @@ def row(pair, method, net, error, std):
                value=error, std=std, metric="error", key=key, workdir="dcm", argv=argv,
                match={"script": "dcm/main.py", "depth": 28, "width": 10.0, "net2": partner, "method": method},
                epochs=200, n=5, statistic="mean ± std over 5 runs", protocol="final", source=SOURCE,
-               scale_args=SCALE, note=note)
+               scale_args=SCALE, note=note, bench=(method, pair_arch(28, 10, partner)))
 
 
 TABLES = [Table(id="table1", title="DCM: CIFAR-100 test error (%), WRN-28-10 | WRN-28-10 and WRN-28-10 | MobileNet, "
                                    "baseline / DML / DCM", source=SOURCE,
                 rows=tuple(row(*cell) for cell in PUBLISHED), seeds=(1, 2, 3, 4, 5))]
 
-SMOKE = [Run(name=f"dcm {method} wrn|{partner}", workdir="dcm",
-             argv=("main.py", "--net2", partner, "--method", method) + SMOKE_ARGS
-             + ("--batch_size", "4" if partner == "mobilenet" else "8"))
-         for partner in ("wrn", "mobilenet") for method in ("baseline", "dml", "dcm")]
+SMOKE_NAMES = {"none": "wrn alone", "wrn": "wrn|wrn", "mobilenet": "wrn|mobilenet"}
+
+
+def smoke_run(partner, method):
+    """One smoke run per distinct command of the table (--net2, --method), standing for every row that reads it."""
+    rows = tuple((table.id, r.name) for table in TABLES for r in table.rows
+                 if (r.match["net2"], r.match["method"]) == (partner, method))
+    return Run(name=f"dcm {method} {SMOKE_NAMES[partner]}", workdir="dcm",
+               argv=("main.py", "--net2", partner, "--method", method) + SMOKE_ARGS
+               + ("--batch_size", "4" if partner == "mobilenet" else "8"), rows=rows)
+
+
+SMOKE = [smoke_run(partner, method) for partner, method in
+         dict.fromkeys((r.match["net2"], r.match["method"]) for table in TABLES for r in table.rows)]

@@ -44,11 +44,19 @@ class Block(nn.Module):
         self.convdim = nn.Conv2d(ni, no, 1, stride, 0, bias=False) if ni != no else None
 
     def forward(self, x):
-        o1 = F.relu(self.bn0(x))
+        # In place only on fresh tensors no backward reads: a BN output (BN's backward reads its input) and a conv
+        # output (the sum's backward reads neither side). X, the block's input, is never written: the caller, the
+        # shortcut and bn0's backward still need it. The values are those of the out-of-place forward, bit for bit.
+        o1 = F.relu(self.bn0(x), inplace=True)
         y = self.conv0(o1)
-        o2 = F.relu(self.bn1(y))
+        o2 = F.relu(self.bn1(y), inplace=True)
         z = self.conv1(o2)
-        return z + (self.convdim(o1) if self.convdim is not None else x)
+        return z.add_(self.convdim(o1) if self.convdim is not None else x)
+
+
+def pool_head(normalised):
+    """ReLU (in place on the BN output it is given), 8x8 average pool, flatten: the released head before its fc."""
+    return F.avg_pool2d(F.relu(normalised, inplace=True), 8, 1).flatten(1)
 
 
 class Group(nn.ModuleDict):
@@ -90,13 +98,13 @@ class WRN(nn.Module):
         g0 = self.group0(self.conv0(x))
         g1 = self.group1(g0)
         g2 = self.group2(g1)
-        final = self.fc(F.avg_pool2d(F.relu(self.bn(g2)), 8, 1).flatten(1))
+        final = self.fc(pool_head(self.bn(g2)))
         if not self.aux:
             return (final,)
         e1 = self.ep1_group2(self.ep1_group1(g0))
-        aux1 = self.ep1_fc(F.avg_pool2d(F.relu(self.ep1_bn(e1)), 8, 1).flatten(1))
+        aux1 = self.ep1_fc(pool_head(self.ep1_bn(e1)))
         e2 = self.ep2_group2(g1)
-        aux2 = self.ep2_fc(F.avg_pool2d(F.relu(self.ep2_bn(e2)), 8, 1).flatten(1))
+        aux2 = self.ep2_fc(pool_head(self.ep2_bn(e2)))
         return aux1, aux2, final
 
     @torch.no_grad()

@@ -1,21 +1,44 @@
 """dcm/: parity with the released code, architecture fingerprints, float64 end to end, the training script (schedule,
-evaluation, smoke, resume, bad flags)."""
+evaluation, smoke runs, bad flags)."""
 import copy
 import json
 
 import pytest
 import torch
 
-from common.checkpoint import CheckpointError
+from common.fast import Fast
 from common.logging import read_log
 from common.parity import floating_dtypes
 from conftest import shared_file
 from dcm import main as dcm_main
 from dcm import parity
-from dcm.convert import flat_to_wrn, wrn_to_flat
+from dcm.convert import export_checkpoint, flat_to_wrn, wrn_to_flat
 from dcm.losses import cross_entropy, loss_terms, term_names
 from dcm.mobilenet import MobileNet
 from dcm.resnet import WRN
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: batches of 2 to 8 train as fast on one as on two, much faster on a shared 2-core machine,
+    and a process forked from one that ran OpenMP teams (the kill tests) hangs in its first parallel region."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def script_args(*argv):
+    """The script's options for ARGV, checked as main() checks them."""
+    parser = dcm_main.get_args_parser()
+    args = parser.parse_args(list(argv))
+    dcm_main.check_args(parser, args)
+    return args
+
+
+def dcm_run(args, nets, test_loader=None):
+    """The script's DCMRun over NETS outside a run folder (CPU, faithful path)."""
+    return dcm_main.DCMRun(dcm_main.detached_setup(Fast()), args, nets, test_loader)
 
 
 def fingerprint(name):
@@ -100,63 +123,64 @@ def test_loss_terms_per_method():
 @pytest.mark.parametrize("net2,method", [("wrn", "dcm"), ("wrn", "dml"), ("none", "baseline"),
                                          ("mobilenet", "dcm"), ("mobilenet", "dml"), ("mobilenet", "baseline")])
 def test_float64_step_and_test_pass_never_produce_a_float32_tensor(net2, method):
-    args = dcm_main.parse_args(["--depth", "16", "--width", "0.5", "--net2", net2, "--method", method,
-                                "--device", "cpu"])
-    nets = [net.double() for net in dcm_main.build_networks(args, 100)]
-    archs = ["wrn"] + ([net2] if len(nets) > 1 else [])
+    args = script_args("--depth", "16", "--width", "0.5", "--net2", net2, "--method", method, "--device", "cpu")
+    run = dcm_run(args, [net.double() for net in dcm_main.build_networks(args, 100)])
     torch.manual_seed(0)
     x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randint(0, 100, (2,))
-    optimizer = dcm_main.make_optimizer(dcm_main.trainable_parameters(nets), args.lr, args.weight_decay)
-    distill = method != "baseline"
     with floating_dtypes() as seen:
-        dcm_main.train_step(nets, optimizer, x, y, distill, args, torch.device("cpu"))
-        with torch.no_grad():
-            outputs, released = dcm_main.test_outputs(nets, nets, archs, x)
-            loss_terms(released, y, distill)
-            [cross_entropy(z, y) for out in outputs for z in out]
+        run.on_epoch_start(0)
+        run.train_step(0, x, y)
+        run.test_loader = [(x, y)]
+        run.evaluate(0)
     assert set(seen) == {torch.float64}, seen
 
 
 def test_lr_drop_builds_a_new_sgd_so_the_momentum_restarts():
-    args = dcm_main.parse_args(["--depth", "16", "--width", "0.5", "--method", "dml", "--device", "cpu"])
+    args = script_args("--depth", "16", "--width", "0.5", "--method", "dml", "--device", "cpu")
     nets = dcm_main.build_networks(args, 100)
-    params = dcm_main.trainable_parameters(nets)
+    run = dcm_run(args, nets)
+    params = run.params
     assert [id(p) for p in params] == [id(p) for net in nets for p in net.parameters()]  # net 1's first
-    optimizer = dcm_main.make_optimizer(params, args.lr, args.weight_decay)
-    group = optimizer.param_groups[0]
+    group = run.optimizer.param_groups[0]
     assert (group["lr"], group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"]) == (
         0.1, 0.9, 0, False, 5e-4)
-    lrs, current = [], optimizer
+    lrs = []
     for epoch in range(args.epochs):  # the released schedule: x0.2 at the start of 1-based epochs 60, 120, 160
-        current = dcm_main.optimizer_for_epoch(current, params, epoch, args)
-        lrs.append(current.param_groups[0]["lr"])
+        run.on_epoch_start(epoch)
+        lrs.append(run.optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx([0.1] * 59 + [0.02] * 60 + [0.004] * 40 + [0.0008] * 41)
+    run = dcm_run(args, nets)
     torch.manual_seed(0)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
-    dcm_main.train_step(nets, optimizer, x, y, True, args, "cpu")
-    assert optimizer.state and dcm_main.optimizer_for_epoch(optimizer, params, 58, args) is optimizer
-    rebuilt = dcm_main.optimizer_for_epoch(optimizer, params, 59, args)
-    assert rebuilt is not optimizer and not rebuilt.state
+    run.on_epoch_start(0)
+    run.iteration(x, y)
+    first = run.optimizer
+    run.on_epoch_start(58)
+    assert first.state and run.optimizer is first
+    run.on_epoch_start(59)
+    assert run.optimizer is not first and not run.optimizer.state
     before = [p.detach().clone() for p in params]
-    dcm_main.train_step(nets, rebuilt, x, y, True, args, "cpu")
-    lr, wd = rebuilt.param_groups[0]["lr"], args.weight_decay
+    run.iteration(x, y)
+    lr, wd = run.optimizer.param_groups[0]["lr"], args.weight_decay
     for p, b in zip(params, before):  # a plain SGD step: nothing of the old momentum carried over
         assert torch.equal(p.detach(), b.add(p.grad.add(b, alpha=wd), alpha=-lr))
 
 
 def test_eval_mode_mobilenet_reads_the_trained_statistics_on_every_test_batch():
-    args = dcm_main.parse_args(["--depth", "16", "--width", "0.5", "--net2", "mobilenet", "--device", "cpu"])
+    args = script_args("--depth", "16", "--width", "0.5", "--net2", "mobilenet", "--method", "dml",
+                       "--device", "cpu")
     nets = dcm_main.build_networks(args, 100)
     torch.manual_seed(0)
     with torch.no_grad():  # trained running statistics, away from their 0/1 start
         for net in nets:
-            net.train()(2 * torch.randn(8, 3, 32, 32) + 1)
-    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))) for _ in range(3)]
+            net.train()(2 * torch.randn(4, 3, 32, 32) + 1)
+    batches = [(torch.randn(2, 3, 32, 32), torch.randint(0, 100, (2,))) for _ in range(3)]
     trained = copy.deepcopy(nets[1]).eval()
-    record = dcm_main.evaluate(nets, nets, ["wrn", "mobilenet"], batches, torch.device("cpu"), args, True)
+    record = dcm_run(args, nets, batches).evaluate(0)
     with torch.no_grad():  # eval-mode CE of MobileNet's final head, each batch with the trained statistics
-        expected = sum(cross_entropy(trained(x)[2], y).double() * len(y) for x, y in batches).item() / 12
+        expected = sum(cross_entropy(trained(x)[0], y).double() * len(y) for x, y in batches).item() / 6
     assert record["test/net2/loss"] == expected
+    assert "test/net2_batchstats/top1" in record and "test/net2_batchstats/top5" in record
     state = nets[1].state_dict()
     assert all(torch.equal(state[k], v) for k, v in trained.state_dict().items())
 
@@ -175,20 +199,25 @@ def test_smoke_dcm_wrn_pair_loss_falls_and_logs(tmp_path, synthetic_root):
     log = read_log(run)
     assert [r["epoch"] for r in log] == [1, 2]
     assert log[1]["train/loss"] < log[0]["train/loss"]
-    for key in ("train/ce/n1.aux1", "train/kl/n2.final->n1.aux1", "train/kl/n1.aux2->n2.final", "test/loss",
-                "test/net1/top1", "test/net1/aux1/top1", "test/net2/aux2/top5", "test/net2/top1", "best/net2/top1",
-                "lr", "epoch_time", "images_per_s"):
+    for key in ("train/ce/n1.aux1", "train/kl/n2.final->n1.aux1", "train/kl/n1.aux2->n2.final", "train/net1/aux2/top1",
+                "train/loss_per_batch", "test/loss", "test/net1/top1", "test/net1/aux1/top1", "test/net2/aux2/top5",
+                "test/net2/top1", "best/net2/top1", "lr", "epoch_time", "test_time", "images_per_s"):
         assert key in log[0], key
     assert sum(k.startswith("train/kl/") for k in log[0]) == 18 and sum(k.startswith("train/ce/") for k in log[0]) == 6
     lines = (run / "log.txt").read_text().splitlines()
     assert len(lines) == 2 and lines[0].startswith("json_stats: ")
     stats = json.loads(lines[1][len("json_stats: "):])
-    assert list(stats)[:3] == ["model", "depth", "width"]
-    assert stats["epoch"] == 2 and stats["n_parameters"] == 2 * 202_156
+    assert list(stats)[:3] == ["model", "depth", "width"] and stats["save"] == str(run)
+    assert stats["epoch"] == 2 and stats["n_parameters"] == 2 * 202_156 and stats["epoch_step"] == [60, 120, 160]
     assert stats["test_acc"] == log[1]["test/net1/top1"] and stats["test_acc_ep1"] == log[1]["test/net1/aux1/top1"]
-    assert (run / "checkpoint.pt").exists() and (run / "finished").exists()
+    assert stats["train_loss"] == log[1]["train/loss_per_batch"] and stats["test_time"] == log[1]["test_time"]
+    assert (run / "checkpoint.pt").exists() and (run / "epoch_end.pt").exists() and (run / "finished").exists()
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert len(ckpt["nets"]) == 2 and ckpt["epoch"] == 2
+    assert len(ckpt["run"]["nets"]) == 2 and ckpt["epochs_done"] == 2 and ckpt["run"]["archs"] == ["wrn", "wrn"]
+    released = torch.load(export_checkpoint(run / "checkpoint.pt", tmp_path / "model.pt7"), weights_only=False)
+    assert released["epoch"] == 2 and set(released) == {"params", "params_2", "epoch", "optimizer"}
+    flat = wrn_to_flat(ckpt["run"]["nets"][1])
+    assert list(released["params_2"]) == list(flat) and all(torch.equal(released["params_2"][k], flat[k]) for k in flat)
 
 
 def test_smoke_mobilenet_partner_logs_both_bn_modes(tmp_path, synthetic_root):
@@ -202,7 +231,7 @@ def test_smoke_mobilenet_partner_logs_both_bn_modes(tmp_path, synthetic_root):
     assert stats["n_parameters"] == 202_156 + 11_431_276
     # the batch-statistics test pass must not leave test data in MobileNet's running statistics
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert int(ckpt["nets"][1]["bn1.num_batches_tracked"]) == 1
+    assert int(ckpt["run"]["nets"][1]["bn1.num_batches_tracked"]) == 1
 
 
 def test_dml_and_baseline_schedule_and_terms(tmp_path, synthetic_root):
@@ -228,62 +257,33 @@ def test_training_loop_trains_with_a_new_optimizer_after_each_drop(tmp_path, syn
         built.append(real(params, lr, weight_decay))
         return built[-1]
     monkeypatch.setattr(dcm_main, "make_optimizer", recording)
-    run_main(tmp_path, synthetic_root, "drops", "--method", "dml", "--epochs", "3", "--steps-per-epoch", "1",
-             "--epoch_step", "[2,3]")
+    run_main(tmp_path, synthetic_root, "drops", "--method", "baseline", "--net2", "none", "--epochs", "3",
+             "--steps-per-epoch", "1", "--epoch_step", "[2,3]")
     assert [o.param_groups[0]["lr"] for o in built] == pytest.approx([0.1, 0.02, 0.004])
     assert all(o.state for o in built)  # each one made the steps of its epoch
-
-
-class Killed(Exception):
-    pass
-
-
-@pytest.mark.parametrize("loader", [(), ("--data-on-device",)], ids=["pil", "data-on-device"])
-def test_resume_mid_epoch_is_bit_exact(tmp_path, synthetic_root, monkeypatch, loader):
-    common = ("--method", "dml", "--steps-per-epoch", "2", "--epoch_step", "[2]", "--epochs", "2",
-              "--save-every-steps", "1", *loader)
-    full = run_main(tmp_path, synthetic_root, "full", *common)
-    saves = []
-    real_save = dcm_main.save_checkpoint
-
-    def save_then_die(*args, **kwargs):  # dies right after the checkpoint of epoch 2, step 1
-        real_save(*args, **kwargs)
-        saves.append(1)
-        if len(saves) == 4:
-            raise Killed
-    monkeypatch.setattr(dcm_main, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        run_main(tmp_path, synthetic_root, "part", *common)
-    monkeypatch.setattr(dcm_main, "save_checkpoint", real_save)
-    part = run_main(tmp_path, synthetic_root, "part", *common, "--resume")
-    a = torch.load(full / "checkpoint.pt", weights_only=False)
-    b = torch.load(part / "checkpoint.pt", weights_only=False)
-    for sa, sb in zip(a["nets"], b["nets"]):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    la, lb = read_log(full), read_log(part)
-    assert [r["train/loss"] for r in la] == [r["train/loss"] for r in lb]
-    assert [r["lr"] for r in lb] == [0.1, pytest.approx(0.02)]
-    assert len((part / "log.txt").read_text().splitlines()) == 2
-
-
-def test_resume_refuses_other_configuration(tmp_path, synthetic_root):
-    run_main(tmp_path, synthetic_root, "cfg", "--method", "baseline", "--net2", "none", "--epochs", "1",
-             "--steps-per-epoch", "1")
-    with pytest.raises(CheckpointError, match="different run configuration"):
-        run_main(tmp_path, synthetic_root, "cfg", "--method", "dml", "--epochs", "2", "--steps-per-epoch", "1",
-                 "--resume")
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--depth", "10"], "at least 16"),
     (["--depth", "17"], "(depth - 4) % 6 == 0"),
+    (["--width", "0"], "width >= 1/16"),
     (["--dtype", "half"], "only --dtype float"),
     (["--epoch_step", "60,120"], "JSON list"),
+    (["--epoch_step", "[60, 1.5]"], "JSON list"),
     (["--method", "dcm", "--net2", "none"], "--net2 none is for --method baseline"),
     (["--method", "kd"], "invalid choice"),
     (["--dataset", "SVHN"], "CIFAR10, CIFAR100"),
+    (["--lr", "-0.1"], "--lr must be positive"),
+    (["--weight_decay=-1e-4"], "--weight_decay must be >= 0"),
+    (["--lr_decay_ratio", "0"], "--lr_decay_ratio must be positive"),
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--epochs", "-1"], "--epochs must be positive"),
+    (["--nthread", "-1"], "--nthread must be >= 0"),
+    (["--print_freq", "0"], "--print_freq must be positive"),
+    (["--gpu_id", "first"], "--gpu_id must be GPU numbers"),
+    (["--ngpu", "2", "--device", "cpu"], "needs --device cuda"),
 ])
 def test_bad_flags_fail_clearly(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        dcm_main.parse_args(argv)
-    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        script_args(*argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

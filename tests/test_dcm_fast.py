@@ -1,5 +1,5 @@
 """dcm/: the fast path (common.fast) keeps the math: channels_last, compile and bf16 against the fp32 step, the
-device-side data in the training script, and the bench cases."""
+device-side data in the training script."""
 import json
 
 import pytest
@@ -7,11 +7,13 @@ import torch
 from PIL import Image
 
 from common.data import cifar_datasets, cifar_test_transform
-from common.fast import DeviceCifarLoader, prepare_model
+from common.fast import DeviceCifarLoader, Fast
 from common.logging import read_log
 from common.parity import Report
 from dcm import main as dcm_main
 from dcm.losses import term_names
+
+from test_dcm import one_thread, script_args  # noqa: F401  (one_thread: autouse)
 
 # bf16 keeps 8 bits of mantissa (eps 7.8e-3): on the fixture batch the forwards under autocast moved the total loss by
 # 6e-5 relative and no term by more than 1e-3 of the total (measured on the CPU). The bounds are two bf16 eps.
@@ -26,15 +28,17 @@ def fixture_batch():
 
 
 def one_step(net2="wrn", method="dcm", *fast, dtype=torch.float32):
-    """Build the WRN-16-0.5 pair as the script does and run one training step on the fixture batch, in DTYPE."""
-    args = dcm_main.parse_args(["--depth", "16", "--width", "0.5", "--seed", "0", "--net2", net2, "--method", method,
-                                "--device", "cpu", *fast])
+    """Build the WRN-16-0.5 pair as the script does and run one training iteration of its DCMRun on the fixture batch,
+    in DTYPE, with the fast options FAST (the Fast value main() would build from them)."""
+    args = script_args("--depth", "16", "--width", "0.5", "--seed", "0", "--net2", net2, "--method", method,
+                       "--device", "cpu", *fast)
     nets = [net.to(dtype) for net in dcm_main.build_networks(args, 100)]
     before = [{k: v.clone() for k, v in net.state_dict().items()} for net in nets]
-    models = [prepare_model(net, args) for net in nets]
-    optimizer = dcm_main.make_optimizer(dcm_main.trainable_parameters(nets), args.lr, args.weight_decay)
-    x, y = dcm_main.to_device(*fixture_batch(), torch.device("cpu"), args.channels_last)
-    outputs, terms, loss = dcm_main.train_step(models, optimizer, x.to(dtype), y, method != "baseline", args, "cpu")
+    fast_path = Fast.from_args(args, "cpu")
+    run = dcm_main.DCMRun(dcm_main.detached_setup(fast_path), args, nets)
+    run.on_epoch_start(0)
+    x, y = fast_path.inputs(*fixture_batch())
+    outputs, terms, loss = run.iteration(x.to(dtype), y)
     updates = {f"net{i + 1}.{k}": v - b[k] for i, (net, b) in enumerate(zip(nets, before))
                for k, v in net.state_dict().items() if v.is_floating_point()}
     return torch.stack([t.detach() for t in terms]), loss.detach(), updates, term_names(outputs, method != "baseline")
@@ -88,19 +92,18 @@ def test_bf16_autocast_stays_within_stated_tolerance_of_fp32():
 
 
 def test_fast_flag_turns_on_the_device_s_fast_options_and_defaults_stay_off():
-    default = dcm_main.parse_args([])
-    assert (default.data_on_device, default.amp, default.channels_last, default.compile) == (False, "none", False,
-                                                                                           False)
-    fast = dcm_main.parse_args(["--fast", "--device", "cuda"])
-    assert (fast.data_on_device, fast.amp, fast.channels_last, fast.compile) == (True, "bf16", True, True)
-    fast = dcm_main.parse_args(["--fast", "--device", "cpu"])  # only what measured faster on the CPU
-    assert (fast.data_on_device, fast.amp, fast.channels_last, fast.compile) == (False, "none", True, False)
+    options = ("data_on_device", "amp", "channels_last", "compile")
+    default = Fast.from_args(script_args(), "cpu")
+    assert [getattr(default, k) for k in options] == [False, "none", False, False]
+    fast = Fast.from_args(script_args("--fast"), "cuda")
+    assert [getattr(fast, k) for k in options] == [True, "bf16", True, True]
+    fast = Fast.from_args(script_args("--fast"), "cpu")  # only what measured faster on the CPU
+    assert [getattr(fast, k) for k in options] == [False, "none", True, False]
 
 
 def test_device_loaders_have_the_released_data_semantics(synthetic_root):
-    args = dcm_main.parse_args(["--data-root", str(synthetic_root), "--data-on-device", "--batch_size", "64",
-                                "--device", "cpu"])
-    train, test = dcm_main.cifar_loaders(args, torch.device("cpu"))
+    args = script_args("--data-root", str(synthetic_root), "--data-on-device", "--batch_size", "64")
+    train, test = dcm_main.cifar_loaders(args, *dcm_main.cifar_sets(args), Fast.from_args(args, "cpu"))
     assert isinstance(train, DeviceCifarLoader) and isinstance(test, DeviceCifarLoader)
     assert (train.padding_mode, train.order, train.shuffle, train.drop_last, train.train) == (
         "reflect", "pad_flip_crop", True, False, True)
@@ -131,11 +134,4 @@ def test_smoke_data_on_device_loss_falls_and_logs(tmp_path, synthetic_root):
     assert sum(k.startswith("train/kl/") for k in log[0]) == 18 and "test/net2/aux2/top1" in log[0]
     options = json.loads((run / "args.json").read_text())
     assert options["data_on_device"] is True and options["channels_last"] is True and options["amp"] == "none"
-    assert "generator" in torch.load(run / "checkpoint.pt", weights_only=False)["train_loader"]
-
-
-def test_bench_cases_cover_every_published_pair_and_method():
-    from dcm.bench import CASES
-    assert {(c.method, c.arch) for c in CASES} == {
-        ("dcm", "wrn-28-10|wrn-28-10"), ("dml", "wrn-28-10|wrn-28-10"), ("baseline", "wrn-28-10"),
-        ("dcm", "wrn-28-10|mobilenet"), ("dml", "wrn-28-10|mobilenet"), ("baseline", "wrn-28-10|mobilenet")}
+    assert "generator" in torch.load(run / "checkpoint.pt", weights_only=False)["loader"]

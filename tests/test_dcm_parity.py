@@ -20,6 +20,8 @@ from dcm.convert import flat_to_wrn
 from dcm.mobilenet import MobileNet
 from dcm.resnet import WRN
 
+from test_dcm import one_thread  # noqa: F401  (autouse)
+
 POST_STEP = ("net1 after one step", "net2 after one step", "loss after one step")
 
 
@@ -144,7 +146,8 @@ def write_fixture(path, depth=16, width=0.5, init_seed=0, num_classes=100, batch
     torch.manual_seed(batch_seed)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, num_classes, (8,))
     fx.update(input=x, target=y, output_order="[aux1, aux2, final]")
-    options = script.parse_args(["--depth", str(depth), "--width", str(width), "--net2", partner, "--device", "cpu"])
+    options = script.get_args_parser().parse_args(["--depth", str(depth), "--width", str(width), "--net2", partner,
+                                                   "--device", "cpu"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
