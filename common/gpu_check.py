@@ -40,8 +40,8 @@ def selected_cases(tiny):
     for paper, method, arch in (TINY if tiny else FULL):
         matches = [c for c in bench.all_cases() if c.paper == paper and c.arch == arch and
                    (method is None or c.method == method)]
-        if not matches and paper == "dcm":  # the released pair stands in when no smaller case exists
-            matches = [c for c in bench.all_cases() if c.paper == "dcm" and c.method == "dcm" and "|wrn" in c.arch][:1]
+        if not matches:
+            raise SystemExit(f"gpu-check: no bench case {paper} {method or '(every method)'} {arch}")
         chosen += matches
     return chosen
 
@@ -100,12 +100,12 @@ def markdown(report):
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # noqa: E731
     for row in report["throughput"]:
-        a, b = row["faithful"], row.get("fast") or {}
+        a, b = row["faithful"] or {}, row["fast"] or {}
         lines.append(f"| {row['paper']} | {row['method']} | {row['arch'].replace('|', chr(92) + '|')} | {a['batch']} | "
                      f"{fmt(a['train_images_per_s'])} | {fmt(b.get('train_images_per_s'))} | "
                      f"{fmt(a.get('e2e_images_per_s'))} | {fmt(b.get('e2e_images_per_s'))} | "
-                     f"{fmt(a['peak_memory_mb'], '.0f')} | {fmt(b.get('peak_memory_mb'), '.0f')} | "
-                     f"{bench._ratios(a)} |")
+                     f"{fmt(a.get('peak_memory_mb'), '.0f')} | {fmt(b.get('peak_memory_mb'), '.0f')} | "
+                     f"{bench._ratios(a) if a else 'failed: ' + row.get('faithful_error', '')} |")
     lines += ["", f"Learning check ({report['learning_data']}): OKDDip baseline ResNet-32, okddip/train.py.", "",
               "| mode | epochs | test top-1 | seconds |", "|---|---:|---:|---:|"]
     for mode, r in report["learning"].items():
@@ -140,8 +140,7 @@ def main(argv=None):
                 row[mode] = None
                 row[f"{mode}_error"] = f"{type(e).__name__}: {e}"
                 print(f"  failed: {row[f'{mode}_error']}", flush=True)
-        if row["faithful"] is not None:
-            rows.append(row)
+        rows.append(row)
     source, learned = learning(args.out, args.device, args.data_root or default_data_root(), args.tiny)
     report = {"device": str(args.device), "device_name": bench.device_name(args.device), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M"), "tiny": args.tiny, "throughput": rows,
@@ -153,8 +152,9 @@ def main(argv=None):
         f.write(text)
     print(text)
     print(f"written: {os.path.join(args.out, 'gpu_check.json')}, {os.path.join(args.out, 'gpu_check.md')}")
-    failed = [r for r in rows if r.get("fast") is None] + [m for m, r in learned.items() if "error" in r]
-    return 1 if failed or not rows else 0
+    failed = [r for r in rows if r["faithful"] is None or r["fast"] is None] + [m for m, r in learned.items()
+                                                                             if "error" in r]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

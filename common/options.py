@@ -26,7 +26,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -116,11 +116,18 @@ class RunSetup:
     steps_per_epoch: int = 0
     eval_batches: int = 0
     save_every_steps: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def checkpoint(self):
         return os.path.join(self.run_dir, "checkpoint.pt")
+
+
+def detached_setup(fast, eval_batches=0):
+    """A RunSetup for a paper's Run outside a training run (a parity checker, a bench case, an evaluation script, the
+    tests): one process on the Fast value's device, no run folder, nothing written or printed."""
+    return RunSetup(script="", run_dir="", device=fast.device, ctx=distributed.DistContext(device=fast.device),
+                    fast=fast, identity={}, resume=False, logger=RunLogger("", enabled=False),
+                    eval_batches=eval_batches)
 
 
 def resolve_device(parser, name):

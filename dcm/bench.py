@@ -15,7 +15,8 @@ Sizes: WRN-16-2, a pair the CPU can run, and WRN-28-10, the released one (time i
 import functools
 
 from common.bench import BenchCase, Built
-from dcm.main import DCMRun, build_networks, cifar_loaders, cifar_sets, detached_setup, get_args_parser
+from common.options import detached_setup
+from dcm.main import DCMRun, build_networks, cifar_loaders, cifar_sets, get_args_parser
 from dcm.published import pair_arch
 from dcm.resnet import WRN
 

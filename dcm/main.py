@@ -26,12 +26,10 @@ import torch.nn as nn
 
 from common.cli import run_main
 from common.data import cifar_datasets, cifar_test_transform, cifar_train_transform, make_loader
-from common.distributed import DistContext
 from common.fast import DeviceCifarLoader, add_fast_args
-from common.logging import RunLogger
 from common.loop import Run, evaluate, fit
 from common.meters import Timer, topk_accuracy
-from common.options import RunSetup, add_run_args, check_positive, loader_workers, setup_run
+from common.options import add_run_args, check_positive, loader_workers, setup_run
 from dcm.losses import cross_entropy, loss_terms, term_names, total_loss
 from dcm.mobilenet import MobileNet
 from dcm.resnet import WRN, wrn_hyper
@@ -372,13 +370,6 @@ class DCMRun(Run):
             net.load_state_dict(net_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.best = dict(state["best"])
-
-
-def detached_setup(fast, eval_batches=0):
-    """A RunSetup for a DCMRun outside a training run (the parity checker, the bench, tests): one process on the Fast
-    value's device, no run folder, nothing written or printed."""
-    return RunSetup(script="", run_dir="", device=fast.device, ctx=DistContext(device=fast.device), fast=fast,
-                    identity={}, resume=False, logger=RunLogger("", enabled=False), eval_batches=eval_batches)
 
 
 def write_released_log(path, args, run_dir, archs, record, num_classes, n_parameters):

@@ -32,6 +32,7 @@ import torch
 
 from common import parity as core
 from common.fast import Fast
+from common.options import detached_setup
 from common.parity import F64, FixtureError, Report
 from dcm import losses
 from dcm import main as script
@@ -131,7 +132,7 @@ def compute(nets, x, y, args, dtype):
     iteration, a train-mode forward after it."""
     nets = [copy.deepcopy(net).to(dtype) for net in nets]
     x = x.to(dtype)
-    run = script.DCMRun(script.detached_setup(Fast()), args, nets)
+    run = script.DCMRun(detached_setup(Fast()), args, nets)
     r = {}
     with torch.no_grad():
         r["out_eval"], released = script.test_outputs(run.models, nets, run.archs, x)

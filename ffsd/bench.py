@@ -13,9 +13,10 @@ import torch
 import torch.nn as nn
 
 from common.bench import BenchCase, Built
+from common.options import detached_setup
 from ffsd.losses import diversity_target
 from ffsd.options import get_args_parser
-from ffsd.train import INPUT_SIZE, FFSDRun, datasets, detached_setup, loaders
+from ffsd.train import INPUT_SIZE, FFSDRun, datasets, loaders
 from ffsd.training import build_networks, forward_networks
 
 FULL_LAMBDAS_EPOCH = 6  # after the 5-epoch warm-up: every term at its full weight

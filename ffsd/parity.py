@@ -31,13 +31,14 @@ import re
 import torch
 
 from common.fast import Fast
+from common.options import detached_setup
 from common.parity import F64, FixtureError, Report, as_dtype, checker_main, checksum_vectors, load_fixture
 
 from ffsd import training
 from ffsd.losses import attention, diversity_target
 from ffsd.models import CIFAR_MODELS, IMAGENET_MODELS
 from ffsd.options import get_args_parser
-from ffsd.train import FFSDRun, detached_setup
+from ffsd.train import FFSDRun
 
 DEFAULT_CONFIG = {"model": "resnet20", "init_seed": 0, "batch_seed": 1, "epochs": [6, 1], "weights_fp16_rounded": False}
 EPOCH_KEY = re.compile(r"losses_epoch(\d+)_(full_lambdas|warmup)$")

@@ -18,11 +18,10 @@ from common.data import CIFAR100_MEAN, CIFAR100_STD, cifar_datasets, cifar_test_
 from common.fast import Fast
 from common.loop import evaluate
 from common.meters import topk_accuracy
-from common.options import resolve_device
+from common.options import detached_setup, resolve_device
 
 from ffsd.models import create_model
 from ffsd.options import check_args, device_of, get_args_parser
-from ffsd.train import detached_setup
 
 
 def leader_state_dict(path):

@@ -15,11 +15,10 @@ from torch.utils.data import Subset
 
 from common.data import CIFAR100_MEAN, CIFAR100_STD, cifar_datasets, cifar_test_transform, cifar_train_transform, \
     imagenet_datasets, imagenet_train_transform, imagenet_val_transform, make_loader
-from common.distributed import DistContext, cleanup, per_process_batch, train_sampler, wrap_ddp
+from common.distributed import cleanup, per_process_batch, train_sampler, wrap_ddp
 from common.fast import DeviceCifarLoader
-from common.logging import RunLogger
 from common.loop import Run, evaluate, fit
-from common.options import RunSetup, setup_run
+from common.options import setup_run
 
 from ffsd import training
 from ffsd.options import MAY_CHANGE, check_args, config_text, device_of, epoch_range, get_args_parser
@@ -97,13 +96,6 @@ def loaders(args, train_set, test_set, setup):
     pin = setup.device.type == "cuda"
     return (make_loader(train_set, train_batch, shuffle=True, workers=args.workers, pin_memory=pin, sampler=sampler),
             make_loader(test_set, test_batch, workers=args.workers, pin_memory=pin))
-
-
-def detached_setup(fast, eval_batches=0):
-    """A RunSetup for an FFSDRun outside a training run (test.py, the parity checker, the bench): one process on the
-    Fast value's device, no run folder, nothing written or printed."""
-    return RunSetup(script="", run_dir="", device=fast.device, ctx=DistContext(device=fast.device), fast=fast,
-                    identity={}, resume=False, logger=RunLogger("", enabled=False), eval_batches=eval_batches)
 
 
 class FFSDRun(Run):

@@ -11,8 +11,9 @@ The deployed network is the plain architecture (OKDDip's leader, a ONE/CL-ILR br
 import functools
 
 from common.bench import BenchCase, Built
+from common.options import detached_setup
 from okddip import train, train_DML, train_GL, train_kd, train_one
-from okddip.engine import RecipeRun, datasets, detached_setup, loaders
+from okddip.engine import RecipeRun, datasets, loaders
 from okddip.models import plain_network
 
 FULL_RAMP_EPOCH = 100  # w(e) = 1: every distillation term is computed as in most of training

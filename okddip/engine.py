@@ -21,12 +21,11 @@ import torch
 from common.data import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, cifar_datasets, cifar_test_transform,
                          cifar_train_transform, imagenet_datasets, imagenet_train_transform, imagenet_val_transform,
                          make_loader)
-from common.distributed import DistContext, cleanup, per_process_batch, train_sampler, wrap_ddp
+from common.distributed import cleanup, per_process_batch, train_sampler, wrap_ddp
 from common.fast import DeviceCifarLoader, add_fast_args
-from common.logging import RunLogger
 from common.loop import Run, evaluate, fit
 from common.meters import topk_accuracy
-from common.options import RunSetup, add_run_args, check_positive, loader_workers
+from common.options import add_run_args, check_positive, loader_workers
 from okddip.losses import cross_entropy
 from okddip.models import check_arch
 from okddip.students import INDIVIDUAL_NAMES, diversity_dist, student_logits
@@ -341,9 +340,3 @@ def train(setup, args, method, train_set, test_set):
     cleanup(setup.ctx)
     return record
 
-
-def detached_setup(fast):
-    """A RunSetup for a RecipeRun's step outside a training run (the bench, the parity checker): one process on the
-    Fast value's device, no run folder, nothing written or printed."""
-    return RunSetup(script="", run_dir="", device=fast.device, ctx=DistContext(device=fast.device), fast=fast,
-                    identity={}, resume=False, logger=RunLogger("", enabled=False))

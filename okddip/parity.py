@@ -40,6 +40,7 @@ import torch
 
 from common.fast import Fast
 from common.meters import Meter
+from common.options import detached_setup
 from common.parity import (F64, FixtureError, Report, as_dtype, checker_main, checksum_vectors, load_fixture,
                            load_weight_files)
 from okddip import engine, train, train_DML, train_GL, train_one
@@ -146,7 +147,7 @@ class Setup:
 
 def recipe_run(args, method, test_loader=None):
     """The script's RecipeRun for METHOD on the CPU, outside a training run."""
-    return engine.RecipeRun(engine.detached_setup(Fast()), args, method, test_loader)
+    return engine.RecipeRun(detached_setup(Fast()), args, method, test_loader)
 
 
 # ------------------------------------------------------------------------------------------------ our values ----

@@ -8,6 +8,7 @@ import torch
 
 from common.fast import Fast
 from common.logging import read_log
+from common.options import detached_setup
 from common.parity import floating_dtypes
 from conftest import shared_file
 from dcm import main as dcm_main
@@ -38,7 +39,7 @@ def script_args(*argv):
 
 def dcm_run(args, nets, test_loader=None):
     """The script's DCMRun over NETS outside a run folder (CPU, faithful path)."""
-    return dcm_main.DCMRun(dcm_main.detached_setup(Fast()), args, nets, test_loader)
+    return dcm_main.DCMRun(detached_setup(Fast()), args, nets, test_loader)
 
 
 def fingerprint(name):

@@ -9,6 +9,7 @@ from PIL import Image
 from common.data import cifar_datasets, cifar_test_transform
 from common.fast import DeviceCifarLoader, Fast
 from common.logging import read_log
+from common.options import detached_setup
 from common.parity import Report
 from dcm import main as dcm_main
 from dcm.losses import term_names
@@ -35,7 +36,7 @@ def one_step(net2="wrn", method="dcm", *fast, dtype=torch.float32):
     nets = [net.to(dtype) for net in dcm_main.build_networks(args, 100)]
     before = [{k: v.clone() for k, v in net.state_dict().items()} for net in nets]
     fast_path = Fast.from_args(args, "cpu")
-    run = dcm_main.DCMRun(dcm_main.detached_setup(fast_path), args, nets)
+    run = dcm_main.DCMRun(detached_setup(fast_path), args, nets)
     run.on_epoch_start(0)
     x, y = fast_path.inputs(*fixture_batch())
     outputs, terms, loss = run.iteration(x.to(dtype), y)

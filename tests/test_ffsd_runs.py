@@ -16,11 +16,11 @@ from common.fast import Fast
 from common.logging import read_log
 from common.loop import KILL_ENV
 from common.meters import Meter
-from common.options import RunFolderError
+from common.options import RunFolderError, detached_setup
 from ffsd import bench, published
 from ffsd.models import resnet, wideresnet
 from ffsd.options import device_of, get_args_parser
-from ffsd.train import FFSDRun, detached_setup, main
+from ffsd.train import FFSDRun, main
 from ffsd.training import build_networks
 
 TIMES = ("epoch_time", "train_time", "images_per_s")

@@ -8,8 +8,9 @@ import torch
 
 from common.fast import Fast
 from common.logging import read_log
+from common.options import detached_setup
 from okddip import train, train_GL, train_one
-from okddip.engine import RecipeRun, detached_setup
+from okddip.engine import RecipeRun
 
 TINY = ["--num_epochs", "1", "--steps-per-epoch", "2", "--eval-batches", "1", "--batch_size", "8",
         "--num_workers", "0", "--lr", "0.02", "--seed", "1", "--quiet"]

@@ -16,9 +16,9 @@ from common.fast import Fast
 from common.logging import read_log
 from common.loop import KILL_ENV
 from common.meters import Meter
-from common.options import RunFolderError
+from common.options import RunFolderError, detached_setup
 from okddip import bench, engine, published, train, train_GL
-from okddip.engine import RecipeRun, detached_setup
+from okddip.engine import RecipeRun
 from okddip.models import resnet
 
 from test_okddip_fast import one_thread  # noqa: F401  (autouse: batches of 8 run fastest on one thread)
