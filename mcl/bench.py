@@ -1,12 +1,13 @@
-"""L-MCL cases for `python -m common.bench`: one real training iteration of the CIFAR-100 scripts, through the same
-functions they call (mcl.train_utils.baseline_step; mcl.lmcl.train_step and MetaStep.step).
+"""L-MCL cases for `python -m common.bench`: one real training iteration of the four scripts, through their own Runs
+(mcl.runs: BaselineRun.train_step, LMCLRun.train_step, MemoryBankRun.train_step).
 
-    python -m common.bench --paper mcl --device cpu --batch 8 --steps 2 --warmup 1
+    python -m common.bench --paper mcl --arch resnet32 --device cpu --batch 8 --steps 2 --warmup 1
 
-Cases: the baseline (one network, CE) and L-MCL for ResNet-32 and the heterogeneous ResNet-32/ResNet-110 pair.
-"L-MCL" is the ordinary step alone (49 of every 50 iterations); "L-MCL+meta" runs the meta step (three virtual
-steps and the second-order hypergradient) after the ordinary step at every timed iteration, so one epoch's cost is
-about (49 x L-MCL + 1 x L-MCL+meta) / 50 per batch. The batch is class-balanced (2 images per class) as the sampler's.
+One case per network and pair of the published tables (the arch name of a case is the script's --arch without
+`lmcl_` and `_cifar`). "L-MCL" times the ordinary iteration (49 of every 50 on CIFAR, 499 of 500 on ImageNet); its
+extra step "meta" is the iteration on a meta batch (the ordinary step, then the meta step: three virtual steps and
+the second-order hypergradient), reported as a multiple of the ordinary one, so one epoch costs about
+(49 + ratio) / 50 ordinary steps per batch. L-MCL batches are class-balanced (2 images per class) as the sampler's.
 The deployed network is network 1's backbone; the trained modules are the pair with its auxiliary branches (the embed
 heads, aggregator and weight network are a few Linear layers).
 """
@@ -16,14 +17,16 @@ import torch
 import torch.nn as nn
 
 from common.bench import BenchCase, Built
-from common.fast import autocast, prepare_model
-from mcl import main_cifar_baseline, main_layer_mcl_cifar_meta
-from mcl.lmcl import MetaStep, make_optimizers, train_step
-from mcl.main_layer_mcl_cifar_meta import build_modules, get_parser
-from mcl.models import build_cifar_baseline, networks_of
-from mcl.train_utils import baseline_step
+from common.options import detached_setup
+from mcl import main_cifar_baseline, main_imagenet_baseline, main_layer_mcl_cifar_meta, main_layer_mcl_imagenet_meta
+from mcl.memory_bank import ContrastiveIndices
+from mcl.models import CIFAR_BASELINES, CIFAR_PAIRS, IMAGENET_BASELINES, IMAGENET_PAIRS, build_cifar_baseline, \
+    build_imagenet_baseline, networks_of
+from mcl.published import bench_arch as label
+from mcl.runs import BaselineRun, LMCLRun, MemoryBankRun
+from mcl.train_utils import imagenet_data
 
-LR, WEIGHT_DECAY = 0.1, 5e-4
+IMAGENET_TRAIN_IMAGES = 1_281_167  # one memory slot per training image
 
 
 class Backbone(nn.Module):
@@ -38,76 +41,90 @@ class Backbone(nn.Module):
 
 
 class Logits(nn.Module):
-    """A baseline network returning only its logits (the FLOP counter and the eval timing want one tensor)."""
+    """A network returning only its logits (the FLOP counter and the eval timing want one tensor): a baseline's,
+    or a pair's network-1 final head (all of the pair runs, auxiliary branches included)."""
 
-    def __init__(self, model):
+    def __init__(self, model, pair=False):
         super().__init__()
-        self.model = model
+        self.model, self.pair = model, pair
 
     def forward(self, x):
-        return self.model(x)[1]
+        logits = self.model(x)[1]
+        return logits[0][-1] if self.pair else logits
 
 
-def build_baseline(device, args, arch):
+def script_args(script, batch, extra=()):
+    """The script's defaults (kd_T, tau, coefficients, times, lr rule) at this batch size."""
+    return script.get_args_parser().parse_args(["--batch-size", str(batch), *extra])
+
+
+def build_baseline(fast, batch, arch, imagenet=False):
     torch.manual_seed(0)
-    model = build_cifar_baseline(arch, 100).to(device)
-    forward = prepare_model(model, args)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=WEIGHT_DECAY)
-    model.train()
-
-    def step(x, y):
-        baseline_step(forward, optimizer, x, y, autocast=lambda: autocast(args, device))
-
-    return Built(step=step, deployed=Logits(forward), models=[Logits(model)])
+    script = main_imagenet_baseline if imagenet else main_cifar_baseline
+    args = script_args(script, batch, ["--arch", arch])
+    model = (build_imagenet_baseline(arch) if imagenet else build_cifar_baseline(arch, 100)).to(fast.device)
+    run = BaselineRun(detached_setup(fast), args, model, None, nesterov=not imagenet)
+    run.on_epoch_start(0)
+    return Built(step=partial(run.train_step, 1), deployed=Logits(run.forward_model), models=[Logits(model)],
+                 input_size=224 if imagenet else 32, num_classes=1000 if imagenet else 100)
 
 
-def build_lmcl(device, args, arch, meta):
+def balanced(y, classes):
+    return torch.arange(y.size(0), device=y.device) // 2 % classes  # the sampler's batches: 2 images per class
+
+
+def build_lmcl(fast, batch, arch):
     torch.manual_seed(0)
-    opts = get_parser().parse_args(["--arch", arch])  # the script's defaults (kd_T, tau, coefficients, times)
-    pair, embed_heads, aggregator, weight_net = build_modules(opts, device)
-    forward_pair = prepare_model(pair, args)
-    optimizer, weight_optimizer = make_optimizers(pair, embed_heads, aggregator, weight_net, opts)
-    meta_step = MetaStep(pair, embed_heads, weight_net, opts)
-    pair.train(), embed_heads.train(), aggregator.train()
+    args = script_args(main_layer_mcl_cifar_meta, batch, ["--arch", arch])
+    modules, _ = main_layer_mcl_cifar_meta.build_modules(args, fast.device)
+    run = LMCLRun(detached_setup(fast), args, modules)
+    run.on_epoch_start(0)
 
-    def step(x, y):
-        y = torch.arange(x.size(0), device=y.device) // 2 % 100  # the sampler's batches: 2 images per class
-        train_step(forward_pair, embed_heads, aggregator, weight_net, optimizer, x, y, opts,
-                   autocast=lambda: autocast(args, device))
-        if meta:
-            meta_step.step(x, y, opts.init_lr, weight_optimizer)
+    def iteration(step, x, y):
+        return run.train_step(step, x, balanced(y, 100))
 
-    deployed = Backbone(networks_of(pair)[0])
-    return Built(step=step, deployed=deployed, models=[PairForFlops(pair)])
+    return Built(step=partial(iteration, 1), deployed=Backbone(networks_of(run.pair)[0]),
+                 models=[Logits(run.pair, pair=True)], extra_steps={"meta": partial(iteration, 0)})
 
 
-class PairForFlops(nn.Module):
-    """The whole pair (both networks, auxiliary branches included) on an image batch."""
+def build_imagenet_lmcl(fast, batch, arch):
+    torch.manual_seed(0)
+    args = script_args(main_layer_mcl_imagenet_meta, batch, ["--arch", arch])
+    modules, memory = main_layer_mcl_imagenet_meta.build_modules(args, fast.device, 1000, IMAGENET_TRAIN_IMAGES)
+    run = MemoryBankRun(detached_setup(fast), args, modules, memory)
+    run.on_epoch_start(0)
+    rows = torch.randint(0, IMAGENET_TRAIN_IMAGES, (batch, 1 + args.pos_k + args.neg_k), device=fast.device)
 
-    def __init__(self, pair):
-        super().__init__()
-        self.pair = pair
+    def iteration(step, x, y):  # the loader's targets: label, then the contrast index row
+        return run.train_step(step, x, torch.cat([balanced(y, 1000).view(-1, 1), rows[: x.size(0)]], 1))
 
-    def forward(self, x):
-        return self.pair(x)[1][0][-1]
+    return Built(step=partial(iteration, 1), deployed=Backbone(networks_of(run.pair)[0]),
+                 models=[Logits(run.pair, pair=True)], input_size=224, num_classes=1000,
+                 extra_steps={"meta": partial(iteration, 0)})
 
 
-def train_loader(data_root, device, bench_args, script):
+def cifar_train_loader(data_root, fast, batch, workers, script):
     """The script's own train loader: shuffled for the baseline, the class-balanced sampler for L-MCL (the authors'
     PIL pipeline with --num-workers processes, or the device-resident loader)."""
-    flags = ["--data-root", data_root, "--batch-size", str(bench_args.batch)]
-    if bench_args.workers is not None:
-        flags += ["--num-workers", str(bench_args.workers)]
-    args = script.get_parser().parse_args(flags)
-    for name in ("data_on_device", "channels_last"):
-        setattr(args, name, getattr(bench_args, name))
-    return script.cifar_loaders(args, device)[0]
+    flags = ["--data-root", data_root] + (["--num-workers", str(workers)] if workers is not None else [])
+    return script.cifar_loaders(script_args(script, batch, flags), fast)[0]
 
 
-# the baselines of the two pairs' networks, then L-MCL without and with the meta step for each pair
-CASES = [BenchCase("mcl", "baseline", arch, partial(build_baseline, arch=f"{arch}_cifar"),
-                   partial(train_loader, script=main_cifar_baseline)) for arch in ("resnet32", "resnet110")]
-for name, pair_arch in (("resnet32", "lmcl_resnet32_cifar"), ("res32_res110", "lmcl_res32_res110_cifar")):
-    lmcl_loader = partial(train_loader, script=main_layer_mcl_cifar_meta)
-    CASES += [BenchCase("mcl", "L-MCL", name, partial(build_lmcl, arch=pair_arch, meta=False), lmcl_loader),
-              BenchCase("mcl", "L-MCL+meta", name, partial(build_lmcl, arch=pair_arch, meta=True), lmcl_loader)]
+def imagenet_train_loader(data_root, fast, batch, workers, script, contrast=False):
+    """The script's own ImageNet train loader (one process), with the contrast index rows for L-MCL."""
+    flags = ["--data-root", data_root] + (["--num-workers", str(workers)] if workers is not None else [])
+    args = script_args(script, batch, flags)
+    wrap = (lambda ds: ContrastiveIndices(ds, args.pos_k, args.neg_k)) if contrast else None
+    return imagenet_data(args, detached_setup(fast).ctx, wrap_train=wrap)[1]
+
+
+CASES = [BenchCase("mcl", "baseline", label(arch), partial(build_baseline, arch=arch),
+                   partial(cifar_train_loader, script=main_cifar_baseline)) for arch in CIFAR_BASELINES]
+CASES += [BenchCase("mcl", "L-MCL", label(arch), partial(build_lmcl, arch=arch),
+                    partial(cifar_train_loader, script=main_layer_mcl_cifar_meta)) for arch in CIFAR_PAIRS]
+CASES += [BenchCase("mcl", "baseline", label(arch), partial(build_baseline, arch=arch, imagenet=True),
+                    partial(imagenet_train_loader, script=main_imagenet_baseline), dataset="imagenet")
+          for arch in IMAGENET_BASELINES]
+CASES += [BenchCase("mcl", "L-MCL", label(arch), partial(build_imagenet_lmcl, arch=arch),
+                    partial(imagenet_train_loader, script=main_layer_mcl_imagenet_meta, contrast=True),
+                    dataset="imagenet") for arch in IMAGENET_PAIRS]

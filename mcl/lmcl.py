@@ -64,16 +64,6 @@ def make_optimizers(pair, embed_heads, aggregator, weight_net, args):
     return optimizer, weight_optimizer
 
 
-def train_step(pair, embed_heads, aggregator, weight_net, optimizer, x, y, args, autocast=contextlib.nullcontext):
-    """One ordinary L-MCL iteration (the meta step is separate): the loss, its backward, one optimizer step.
-    PAIR is the module to call (compiled / channels_last on the fast path)."""
-    optimizer.zero_grad()
-    out = training_loss(pair, embed_heads, aggregator, weight_net, x, y, args, autocast=autocast)
-    out["total"].backward()
-    optimizer.step()
-    return out
-
-
 class MetaStep:
     """The weight-net update: two virtual momentum-SGD steps on the weighted L_MCL, one on the head CEs, the
     hypergradient of the head CEs at theta_3 through the three steps, one weight_optimizer step.
@@ -81,28 +71,38 @@ class MetaStep:
     theta = the pair's and the embed heads' parameters (not the aggregator's). The reverse sweep follows the
     authors' MetaSGD recursion, alpha0 <- (1 - lr wd) alpha0 + c alpha1 + H v with c = 1 (their coefficient, the
     default) or c = wd (`exact=True`, the true hypergradient).
+
+    Cost: each virtual step's gradient is taken with its graph (create_graph), and that graph is kept until the
+    reverse sweep has taken its Hessian-vector product H_s v from it and is freed then. The authors' sweep instead
+    re-evaluates L_s at theta_s and differentiates it again; the values are the same, the work is not (their meta
+    iteration costs about 17 ordinary steps). theta_0 and phi are views of the real parameters (nothing is copied);
+    theta_1 .. theta_3 are the new tensors of the virtual steps.
     """
 
     def __init__(self, pair, embed_heads, weight_net, args, exact=False):
         self.pair, self.embed_heads, self.weight_net = pair, embed_heads, weight_net
         self.args, self.exact = args, exact
         self.momentum, self.weight_decay = 0.9, args.weight_decay
-        self.record = {}  # objective values of the last hypergradient, detached tensors (no host sync per meta step)
+        # objective values of the last hypergradient, detached tensors (no host sync per meta step):
+        # "inner": the weighted L_MCL terms at theta_0 .. theta_{times-1}; "outer": the head CEs at theta_times
+        # (the last virtual step's objective) and at theta_{times+1} (the meta objective)
+        self.record = {}
+        self.pair_names = [k for k, _ in pair.named_parameters()]
+        self.embed_names = [k for k, _ in embed_heads.named_parameters()]
+        self.phi_names = [k for k, _ in weight_net.named_parameters()]
 
     def _theta(self):
-        named = [("pair." + k, v) for k, v in self.pair.named_parameters()]
-        named += [("embed." + k, v) for k, v in self.embed_heads.named_parameters()]
-        return named
+        return [p for _, p in self.pair.named_parameters()] + [p for _, p in self.embed_heads.named_parameters()]
 
     def _forward(self, theta, buffers, x):
-        pair_params = {k[5:]: v for k, v in theta.items() if k.startswith("pair.")}
-        return functional_call(self.pair, {**pair_params, **buffers}, (x,))
+        params = dict(zip(self.pair_names, theta))
+        return functional_call(self.pair, {**params, **buffers}, (x,))
 
     def _mcl(self, theta, phi, buffers, x, y):
         features, _ = self._forward(theta, buffers, x)
-        weights = functional_call(self.weight_net, phi, (features,))
-        embed_params = {k[6:]: v for k, v in theta.items() if k.startswith("embed.")}
-        embeddings = functional_call(self.embed_heads, embed_params, (features,))
+        weights = functional_call(self.weight_net, dict(zip(self.phi_names, phi)), (features,))
+        embeddings = functional_call(self.embed_heads, dict(zip(self.embed_names, theta[len(self.pair_names):])),
+                                     (features,))
         return self.contrast(embeddings, weights, y)
 
     def contrast(self, embeddings, weights, y):
@@ -115,73 +115,70 @@ class MetaStep:
         return hyper
 
     def _ce(self, theta, buffers, x, y):
-        return stage_ce_sum(self._forward(theta, buffers, x)[1], y)
+        loss = stage_ce_sum(self._forward(theta, buffers, x)[1], y)
+        self.record["outer"].append(loss.detach())
+        return loss
 
     def _objective(self, s, theta, phi, buffers, x, y):
         """L_s: weighted L_MCL for the first `times` steps, head-CE sum for the last one."""
         if s < self.args.times:
             out = self._mcl(theta, phi, buffers, x, y)
-            terms = {k: v.detach() for k, v in out.items() if k != "mcl_breakdown"}
-            self.record.setdefault("inner", []).append(terms)
+            self.record["inner"].append({k: v.detach() for k, v in out.items() if k != "mcl_breakdown"})
             return out["loss_mcl"]
-        loss = self._ce(theta, buffers, x, y)
-        self.record.setdefault("outer", []).append(loss.detach())
-        return loss
+        return self._ce(theta, buffers, x, y)
 
-    def hypergradient(self, x, y, lr):
-        """The weight-net gradient G (dict name -> tensor) of the meta objective at the current parameters."""
-        self.record = {}
-        names = [k for k, _ in self._theta()]
-        theta0 = {k: v.detach().clone().requires_grad_(True) for k, v in self._theta()}
-        phi = {k: v.detach().clone().requires_grad_(True) for k, v in self.weight_net.named_parameters()}
-        # train-mode virtual passes on copies of the BN buffers, so the real running statistics are not touched
-        buffers = {k: v.clone() for k, v in self.pair.named_buffers()}
-        m, wd = self.momentum, self.weight_decay
+    def hypergradient(self, x, y, lr, update_bn=False):
+        """The weight-net gradient G (dict name -> tensor) of the meta objective at the current parameters.
+        UPDATE_BN: the pass at theta_0 updates the real BatchNorm running statistics, once (what the authors' last
+        recomputation, L_0 at theta_0 after their rollback, leaves behind); every other pass, and every pass when
+        false, runs on copies of the buffers (train-mode outputs do not depend on them)."""
+        self.record = {"inner": [], "outer": []}
+        real_buffers = dict(self.pair.named_buffers())
+        copies = {k: v.clone() for k, v in real_buffers.items()}
+        phi = [p.detach().requires_grad_(True) for p in self.weight_net.parameters()]
+        m, wd, times = self.momentum, self.weight_decay, self.args.times
 
-        trajectory, buf, theta = [], None, theta0
-        for s in range(self.args.times + 1):
-            loss = self._objective(s, theta, phi, buffers, x, y)
-            grads = torch.autograd.grad(loss, [theta[k] for k in names], allow_unused=True)
-            trajectory.append(theta)
-            step = [(torch.zeros_like(theta[k]) if g is None else g.detach()) + wd * theta[k].detach()
-                    for k, g in zip(names, grads)]
-            buf = step if buf is None else [m * b + d for b, d in zip(buf, step)]
-            theta = {k: (theta[k].detach() - lr * b).requires_grad_(True) for k, b in zip(names, buf)}
+        theta = [p.detach().requires_grad_(True) for p in self._theta()]
+        steps, buf = [], None  # steps[s] = (theta_s, dL_s/dtheta_s with its graph)
+        for s in range(times + 1):
+            loss = self._objective(s, theta, phi, real_buffers if update_bn and s == 0 else copies, x, y)
+            grads = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
+            steps.append((theta, grads))
+            with torch.no_grad():
+                # a parameter L_s does not reach (the classifiers in the MCL steps) still decays and keeps momentum
+                d = [wd * t if g is None else g + wd * t for t, g in zip(theta, grads)]
+                buf = d if buf is None else [m * b + e for b, e in zip(buf, d)]
+                theta = [(t - lr * b).requires_grad_(True) for t, b in zip(theta, buf)]
 
-        outer = self._ce(theta, buffers, x, y)
-        self.record.setdefault("outer", []).append(outer.detach())
-        alpha0 = [g if g is not None else torch.zeros_like(theta[k]) for k, g in
-                  zip(names, torch.autograd.grad(outer, [theta[k] for k in names], allow_unused=True))]
+        outer = self._ce(theta, copies, x, y)
+        alpha0 = [torch.zeros_like(t) if g is None else g
+                  for t, g in zip(theta, torch.autograd.grad(outer, theta, allow_unused=True))]
         alpha1 = [torch.zeros_like(a) for a in alpha0]
-        hyper = {k: torch.zeros_like(v) for k, v in phi.items()}
+        hyper = [torch.zeros_like(p) for p in phi]
         coefficient = wd if self.exact else 1.0
-        phi_names = list(phi)
-        for s in reversed(range(len(trajectory))):
-            theta_s = trajectory[s]
-            loss = self._objective(s, theta_s, phi, buffers, x, y)
-            grads = torch.autograd.grad(loss, [theta_s[k] for k in names], create_graph=True, allow_unused=True)
+        for s in reversed(range(times + 1)):
+            theta_s, grads = steps.pop()  # the graph of step s goes with it
             v = [-lr * a0 + a1 for a0, a1 in zip(alpha0, alpha1)]
-            dot = sum((g * vi).sum() for g, vi in zip(grads, v) if g is not None)
-            inputs = [theta_s[k] for k in names] + ([phi[k] for k in phi_names] if s < self.args.times else [])
-            if torch.is_tensor(dot) and dot.requires_grad:
-                second = torch.autograd.grad(dot, inputs, allow_unused=True)
-            else:
-                second = [None] * len(inputs)
-            hv = [torch.zeros_like(a) if h is None else h for a, h in zip(alpha0, second[:len(names)])]
-            for k, h in zip(phi_names, second[len(names):]):
-                if h is not None:
-                    hyper[k] += h
+            # H_s v and d<g_s, v>/dphi in one vector-Jacobian product of the gradient (phi enters the MCL steps only)
+            # (at s = 0 only the phi part: H_0 v would only update the adjoints after their last use)
+            live = [(g, vi) for g, vi in zip(grads, v) if g is not None and g.requires_grad]
+            wrt_theta = theta_s if s > 0 else []
+            inputs = wrt_theta + (phi if s < times else [])
+            second = torch.autograd.grad([g for g, _ in live], inputs, grad_outputs=[vi for _, vi in live],
+                                         allow_unused=True) if live else [None] * len(inputs)
+            for h, g in zip(hyper, second[len(wrt_theta):]):
+                if g is not None:
+                    h += g
+            if s == 0:
+                break
+            hv = [torch.zeros_like(a) if h is None else h for a, h in zip(alpha0, second[:len(theta_s)])]
             alpha0, alpha1 = ([(1 - lr * wd) * a0 + coefficient * a1 + h for a0, a1, h in zip(alpha0, alpha1, hv)],
                               [m * a1 - lr * m * a0 for a0, a1 in zip(alpha0, alpha1)])
-            alpha0 = [a.detach() for a in alpha0]
-            alpha1 = [a.detach() for a in alpha1]
-        return hyper
+        return dict(zip(self.phi_names, hyper))
 
     def step(self, x, y, lr, weight_optimizer):
-        hyper = self.reduce_hypergradient(self.hypergradient(x, y, lr))
+        hyper = self.reduce_hypergradient(self.hypergradient(x, y, lr, update_bn=True))
         for k, p in self.weight_net.named_parameters():
-            p.grad = hyper[k].detach().clone()
+            p.grad = hyper[k]
         weight_optimizer.step()
-        with torch.no_grad():  # the authors' final recomputation at theta_0 updates every BN's running statistics
-            self.pair(x)
         return hyper

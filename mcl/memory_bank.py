@@ -26,8 +26,9 @@ from mcl.losses import weighted_soft_kl
 
 
 class ContrastiveIndices(Dataset):
-    """Wraps a labelled dataset (ImageFolder): item n -> (image, label, index row [n, pos_k same-class indices,
-    neg_k other-class indices]). Positives are drawn among the other images of the class (the anchor itself only
+    """Wraps a labelled dataset (ImageFolder): item n -> (image, target) with target = [label, n, pos_k same-class
+    indices, neg_k other-class indices] (the label and the index row in one tensor, so a batch is the (x, y) pair
+    every training loop takes; MemoryBankRun splits it). Positives are drawn among the other images of the class (the anchor itself only
     for a single-image class), negatives uniformly among the images of the other classes, with replacement. Draws
     use torch's RNG (seeded per loader worker by the DataLoader)."""
 
@@ -60,7 +61,7 @@ class ContrastiveIndices(Dataset):
 
     def __getitem__(self, n):
         image, label = self.dataset[n]
-        return image, label, self.contrast_row(n)
+        return image, torch.cat([torch.tensor([label]), self.contrast_row(n)])
 
 
 class MemoryBank(nn.Module):

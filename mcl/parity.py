@@ -5,8 +5,9 @@ meta step included; SCHEMA.md section 4).
 
 For each fixture: rebuild the pair it names (any CIFAR pair of the script, heterogeneous ones with their
 `net1.`/`net2.` keys; any seed or batch), load its weights (all weight files merged, float16 entries cast, sha256
-checked) and run the iteration through the training script's own code: the optimizers of `make_optimizers`, the lr
-of `lr_at_epoch` at epoch 0 set by `set_lr`, the step of `train_step`, the meta step of `MetaStep.step`. It is run
+checked) and run the iteration through the training script's own code, its Run (mcl.runs.LMCLRun): its optimizers
+(`make_optimizers`), its lr policy at epoch 0 (`on_epoch_start`), its step (`ordinary_step`) and its meta step
+(`MetaStep.step`). It is run
 in float32 as the reference was and in float64 from the same weights and input; the float32 run is repeated with the
 batch in reverse order, in channels_last and with PyTorch's native convolution kernels instead of oneDNN's (the
 meta step: default and native kernels), which computes the same math with other summation orders.
@@ -23,16 +24,16 @@ import contextlib
 import hashlib
 import pathlib
 import sys
-from types import SimpleNamespace
 
 import torch
 
-from common.fast import prepare_model
+from common.fast import Fast
+from common.options import detached_setup
 from common.parity import F64, FixtureError, Report, as_dtype, checker_main, load_fixture, load_weight_files
-from mcl.lmcl import MetaStep, make_optimizers, train_step
-from mcl.main_layer_mcl_cifar_meta import get_parser
+from mcl.lmcl import MetaStep
+from mcl.main_layer_mcl_cifar_meta import get_args_parser
 from mcl.models import CIFAR_PAIRS, Aggregator, EmbedHeads, LossWeightNetwork, build_cifar_pair
-from mcl.train_utils import lr_at_epoch, set_lr
+from mcl.runs import LMCLRun
 
 REQUIRED = ("args", "weight_files", "weights", "input", "labels", "outputs", "losses")
 # further float32 evaluations of the same math: their spreads join the default run's (common.parity `also`)
@@ -69,17 +70,18 @@ def read(path):
 
 def options(fixture):
     """The script's arguments: its own defaults, overridden by the fixture's `args`."""
-    args = get_parser().parse_args(["--arch", fixture["args"]["arch"]])
+    args = get_args_parser().parse_args(["--arch", fixture["args"]["arch"]])
     vars(args).update(fixture["args"])
     return args
 
 
 def build(fixture, state, dtype):
-    """Pair, embed heads, aggregator and loss-weight network of the fixture with its weights, in DTYPE, train mode."""
+    """Pair, embed heads, aggregator and loss-weight network of the fixture with its weights, in DTYPE, train mode
+    (the head widths as the fixture records them)."""
     args = options(fixture)
-    modules = (build_cifar_pair(args.arch, 100, args.number_net), EmbedHeads(args.rep_dim, args.number_stage,
-                                                                            args.feat_dim),
-               Aggregator(args.rep_dim, args.number_stage), LossWeightNetwork(args.feat_dims))
+    rep_dim, number_stage = fixture["args"]["rep_dim"], fixture["args"]["number_stage"]
+    modules = (build_cifar_pair(args.arch, 100, args.number_net), EmbedHeads(rep_dim, number_stage, args.feat_dim),
+               Aggregator(rep_dim, number_stage), LossWeightNetwork(fixture["args"]["feat_dims"]))
     w = fixture["weights"]
     for module, weights, name in zip(modules, (state, w["criterion_mcl"], w["aggregator"], w["loss_weight_network"]),
                                      ("pair", "criterion_mcl", "aggregator", "loss_weight_network")):
@@ -103,17 +105,15 @@ def iteration(fixture, state, dtype, variant="default", meta=True, exact=False):
     x, y = fixture["input"].to(dtype), fixture["labels"]
     order = torch.arange(len(y) - 1, -1, -1) if variant == "reversed batch" else torch.arange(len(y))
     x, y = x[order], y[order]
-    forward_pair = pair
-    if variant == "channels_last":
-        forward_pair = prepare_model(pair, SimpleNamespace(channels_last=True, compile=False))
-        x = x.contiguous(memory_format=torch.channels_last)
+    fast = Fast(channels_last=variant == "channels_last")
+    x, y = fast.inputs(x, y)
     with kernels(variant):
-        optimizer, weight_optimizer = make_optimizers(pair, embed, aggregator, weight_net, args)
-        lr = lr_at_epoch(args, 0)  # the fixture is the first iteration of epoch 0
-        set_lr([optimizer, weight_optimizer], lr)
+        run = LMCLRun(detached_setup(fast), args, (pair, embed, aggregator, weight_net))
+        run.on_epoch_start(0)  # the fixture is the first iteration of epoch 0
+        lr = run.lr
         before = {k: p.detach().clone() for k, p in pair.named_parameters()}
-        out = train_step(forward_pair, embed, aggregator, weight_net, optimizer, x, y, args)
-        run = {"lr": lr, "outputs": per_sample_outputs(out, y, order), "losses": losses_of(out),
+        out = run.ordinary_step(x, y)
+        result = {"lr": lr, "outputs": per_sample_outputs(out, y, order), "losses": losses_of(out),
                "breakdown": out["mcl_breakdown"],
                "grad_norms": {f"{prefix}.{k}": p.grad.norm().item()
                               for prefix, module in (("net", pair), ("criterion_mcl", embed),
@@ -123,8 +123,8 @@ def iteration(fixture, state, dtype, variant="default", meta=True, exact=False):
                "buffer_keys": [k for k, v in pair.state_dict().items() if v.is_floating_point()
                                and k not in before]}
         if meta:
-            run["meta"] = meta_step(pair, embed, weight_net, args, x, y, lr, weight_optimizer, exact)
-    return run
+            result["meta"] = meta_step(run, x, y, exact)
+    return result
 
 
 def per_sample_outputs(out, y, order):
@@ -161,24 +161,34 @@ def _indexed(value, prefix=""):
     return [(prefix, value)]
 
 
-def meta_step(pair, embed, weight_net, args, x, y, lr, weight_optimizer, exact):
-    """The meta step as the training loop runs it (MetaStep.step after the ordinary step), with what the fixture
-    records of it; EXACT adds the exact hypergradient (same point, computed first: it changes nothing)."""
+def meta_step(run, x, y, exact):
+    """The meta step as the training loop runs it (the Run's MetaStep.step after the ordinary step), with what the
+    fixture records of it; EXACT adds the exact hypergradient (same point, computed first: it changes nothing)."""
     result = {}
+    pair, args = run.pair, run.args
     if exact:
-        result["hypergradient_exact"] = MetaStep(pair, embed, weight_net, args, exact=True).hypergradient(x, y, lr)
+        result["hypergradient_exact"] = MetaStep(pair, run.embed_heads, run.weight_net, args,
+                                                 exact=True).hypergradient(x, y, run.lr)
     params = {k: p.detach().clone() for k, p in pair.named_parameters()}
     means = {k: b.clone() for k, b in pair.named_buffers() if k.endswith("running_mean")}
-    meta = MetaStep(pair, embed, weight_net, args, exact=args.fixed_meta_grad)
-    hyper = meta.step(x, y, lr, weight_optimizer)
+    hyper = run.meta.step(x, y, run.lr, run.weight_optimizer)
     buffers = dict(pair.named_buffers())
+    inner, outer = as_called(run.meta.record)
     result.update(
-        hypergradient=hyper, inner=[{k: float(c[k]) for k in INNER_TERMS} for c in meta.record["inner"]],
-        outer=[float(v) for v in meta.record["outer"]], weight_net_after=weight_net.state_dict(),
+        hypergradient=hyper, inner=[{k: float(c[k]) for k in INNER_TERMS} for c in inner],
+        outer=[float(v) for v in outer], weight_net_after=run.weight_net.state_dict(),
         bn_running_mean_change=max(float((buffers[k] - v).abs().max()) for k, v in means.items()),
         parameters_unchanged=all(torch.equal(params[k], p) for k, p in pair.named_parameters()),
         buffers=buffers)
     return result
+
+
+def as_called(record):
+    """The objective values of one meta step in the order the authors' code evaluates them (what the fixture
+    records): L_0 .. L_{times-1} (MCL) and L_times (CE) in the virtual steps, the meta objective, then L_times ..
+    L_0 again in their reverse sweep, which recomputes each at the same point. Ours evaluates each point once."""
+    inner, (last, objective) = record["inner"], record["outer"]
+    return inner + inner[::-1], [last, objective, last]
 
 
 # --------------------------------------------------------------------------------------------- the report ----

@@ -9,6 +9,12 @@ compare network 1 for homogeneous pairs.
 """
 from common.results import Row, Run, Table
 
+def bench_arch(arch):
+    """The common.bench case name (mcl/bench.py) of a script's --arch: resnet32_cifar -> resnet32,
+    lmcl_res32_res110_cifar -> res32_res110, lmcl_resnet34_imagenet -> resnet34_imagenet."""
+    return arch.removeprefix("lmcl_").removesuffix("_cifar")
+
+
 SOURCE = "authors' README (winycg/L-MCL, HEAD 2c0901e), transcribed in specs/mcl.md 6.1"
 CIFAR_EPOCHS = 300
 
@@ -50,7 +56,7 @@ def baseline_row(name, arch, value):
     return Row(name=f"{name}, baseline", value=value, key="test/net/top1", workdir="mcl",
                argv=(BASELINE_SCRIPT, "--arch", arch), match={"script": f"mcl/{BASELINE_SCRIPT}", "arch": arch},
                epochs=CIFAR_EPOCHS, protocol="best", source=SOURCE, statistic="single number (runs not stated)",
-               scale_args={"smoke": SMOKE_BASELINE, "short": SHORT})
+               scale_args={"smoke": SMOKE_BASELINE, "short": SHORT}, bench=("baseline", bench_arch(arch)))
 
 
 def lmcl_rows(name, arch, net, value):
@@ -58,7 +64,7 @@ def lmcl_rows(name, arch, net, value):
     common = dict(value=value, workdir="mcl", argv=(LMCL_SCRIPT, "--arch", arch),
                   match={"script": f"mcl/{LMCL_SCRIPT}", "arch": arch}, epochs=CIFAR_EPOCHS, protocol="best",
                   source=SOURCE, statistic="single number (runs not stated)",
-                  scale_args={"smoke": SMOKE_LMCL, "short": SHORT})
+                  scale_args={"smoke": SMOKE_LMCL, "short": SHORT}, bench=("L-MCL", bench_arch(arch)))
     return [Row(name=f"{name}, L-MCL (net{net}, max over heads, as released)", key=f"test/net{net}/max_heads/top1",
                 note="best epoch of the maximum top-1 over the network's 3 heads, as the released logs", **common),
             Row(name=f"{name}, L-MCL (net{net}, deployed head)", key=f"test/net{net}/top1",
@@ -104,14 +110,15 @@ def imagenet_baseline_row(name, arch, value):
                argv=(IMAGENET_BASELINE_SCRIPT, "--arch", arch),
                match={"script": f"mcl/{IMAGENET_BASELINE_SCRIPT}", "arch": arch}, epochs=IMAGENET_EPOCHS,
                protocol="best", source=SOURCE, statistic="single number (runs not stated)", launcher="torchrun",
-               scale_args={"smoke": IMAGENET_SMOKE, "short": IMAGENET_SHORT})
+               scale_args={"smoke": IMAGENET_SMOKE, "short": IMAGENET_SHORT}, bench=("baseline", bench_arch(arch)))
 
 
 def imagenet_lmcl_rows(name, arch, net, value):
     common = dict(value=value, workdir="mcl", argv=(IMAGENET_LMCL_SCRIPT, "--arch", arch),
                   match={"script": f"mcl/{IMAGENET_LMCL_SCRIPT}", "arch": arch}, epochs=IMAGENET_EPOCHS,
                   protocol="best", source=SOURCE, statistic="single number (runs not stated)", launcher="torchrun",
-                  scale_args={"smoke": IMAGENET_SMOKE_LMCL, "short": IMAGENET_SHORT})
+                  scale_args={"smoke": IMAGENET_SMOKE_LMCL, "short": IMAGENET_SHORT},
+                  bench=("L-MCL", bench_arch(arch)))
     return [Row(name=f"{name}, L-MCL (net{net}, max over heads, as released)", key=f"test/net{net}/max_heads/top1",
                 note="best epoch of the maximum top-1 over the network's 4 heads, as the released logs", **common),
             Row(name=f"{name}, L-MCL (net{net}, deployed head)", key=f"test/net{net}/top1",
@@ -136,15 +143,20 @@ TABLES = [
                               "batch 256)", source=SOURCE, rows=tuple(table10_rows)),
 ]
 
+def lmcl_row_names(table, name, net=1):
+    return tuple((table, f"{name}, L-MCL (net{net}, {kind})") for kind in ("max over heads, as released",
+                                                                          "deployed head"))
+
+
 SMOKE = [
     Run(name="mcl baseline resnet32_cifar", workdir="mcl",
-        argv=(BASELINE_SCRIPT, "--arch", "resnet32_cifar") + SMOKE_BASELINE),
+        argv=(BASELINE_SCRIPT, "--arch", "resnet32_cifar") + SMOKE_BASELINE, rows=(("table8", "ResNet-32, baseline"),)),
     Run(name="mcl L-MCL lmcl_resnet32_cifar (with a meta step)", workdir="mcl",
-        argv=(LMCL_SCRIPT, "--arch", "lmcl_resnet32_cifar") + SMOKE_LMCL),
+        argv=(LMCL_SCRIPT, "--arch", "lmcl_resnet32_cifar") + SMOKE_LMCL, rows=lmcl_row_names("table8", "ResNet-32")),
     Run(name="mcl ImageNet baseline ShuffleNetV2_1x_imagenet (torchrun, 2 processes)", workdir="mcl",
         argv=(IMAGENET_BASELINE_SCRIPT, "--arch", "ShuffleNetV2_1x_imagenet") + IMAGENET_SMOKE, dataset="imagenet",
-        launcher="torchrun", nproc=2),
+        launcher="torchrun", nproc=2, rows=(("table10", "ShuffleNetV2 1x, baseline"),)),
     Run(name="mcl ImageNet L-MCL lmcl_ShuffleNetV2_1x_imagenet (torchrun, 2 processes, with a meta step)",
         workdir="mcl", argv=(IMAGENET_LMCL_SCRIPT, "--arch", "lmcl_ShuffleNetV2_1x_imagenet") + IMAGENET_SMOKE_LMCL,
-        dataset="imagenet", launcher="torchrun", nproc=2),
+        dataset="imagenet", launcher="torchrun", nproc=2, rows=lmcl_row_names("table10", "ShuffleNetV2 1x")),
 ]

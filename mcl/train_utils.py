@@ -1,16 +1,73 @@
-"""Small pieces the scripts share: the authors' lr rule, head names for the logs, evaluation, flag checks, and the
-data/evaluation plumbing of the two ImageNet scripts (torchrun)."""
-import contextlib
+"""What the four L-MCL scripts share: the base parser (the authors' flags, their per-script defaults), the lr rule,
+head names, the evaluation (one function on common.loop.evaluate), the seeded start-up draws of the CIFAR scripts and
+the data plumbing of the two ImageNet scripts (torchrun)."""
+import argparse
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
-from common.fast import at_least_fp32
-from common.meters import AccuracyMeter
+from common.fast import add_fast_args, at_least_fp32
+from common.loop import evaluate
+from common.meters import topk_accuracy
+from common.options import add_run_args, check_positive, loader_workers
 
 # The authors' CIFAR-100 normalisation (its digits differ from common.data's CIFAR100_MEAN/STD)
 LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+
+# The authors' defaults where their four scripts differ (CIFAR / ImageNet); everything else is shared
+CIFAR_DEFAULTS = dict(dataset="cifar100", weight_decay=5e-4, lr_type="cosine", milestones=[150, 225], epochs=300,
+                      batch_size=128, num_workers=8)
+IMAGENET_DEFAULTS = dict(dataset="imagenet", weight_decay=1e-4, lr_type="multistep", milestones=[30, 60, 90],
+                         epochs=100, batch_size=256, num_workers=16)
+
+
+def base_parser(description, archs, arch, defaults):
+    """The flags every L-MCL script has, with the authors' names; DEFAULTS: CIFAR_DEFAULTS or IMAGENET_DEFAULTS.
+    The script adds its own flags, then `finish_parser`."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=defaults["dataset"], choices=[defaults["dataset"]],
+                   help=f"names the run folder; the authors' script trains on {defaults['dataset']} only")
+    p.add_argument("--arch", default=arch, help="one of: " + ", ".join(archs))
+    p.add_argument("--init-lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"],
+                   help="on every parameter, every optimizer")
+    p.add_argument("--lr-type", default=defaults["lr_type"], choices=["cosine", "multistep"])
+    p.add_argument("--milestones", type=int, nargs="+", default=defaults["milestones"])
+    p.add_argument("--epochs", type=int, default=defaults["epochs"])
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+    p.add_argument("--num-workers", type=int, default=loader_workers(defaults["num_workers"]),
+                   help=f"loader processes (the authors': {defaults['num_workers']}; never more than the cores)")
+    p.add_argument("--gpu-id", default="0", help="accepted for compatibility; use --device")
+    p.add_argument("--manual_seed", "--seed", dest="manual_seed", type=int, default=0)
+    p.add_argument("--evaluate", "-e", action="store_true", help="only test --evaluate-checkpoint")
+    p.add_argument("--evaluate-checkpoint", default=None, help="default: <run-dir>/best.pt")
+    p.add_argument("--checkpoint-dir", default="./checkpoint", help="parent of the default run folder")
+    return p
+
+
+def finish_parser(p):
+    add_run_args(p, data_root_aliases=("--data",))
+    add_fast_args(p)
+    return p
+
+
+# options that never change what is trained (they may differ when a run is resumed)
+MAY_CHANGE = ("gpu_id", "evaluate", "evaluate_checkpoint", "checkpoint_dir")
+
+
+def check_args(parser, args, archs, positive=()):
+    """parser.error for an unknown --arch or a non-positive value among the common flags and POSITIVE."""
+    if args.arch not in archs:
+        parser.error(f"unknown --arch {args.arch!r}; valid: {', '.join(archs)}")
+    check_positive(parser, args, ["epochs", "batch_size", "init_lr", *positive])
+    check_positive(parser, args, ["weight_decay", "num_workers"], allow_zero=("weight_decay", "num_workers"))
+
+
+def run_folder(args, name):
+    """The authors' run folder name under --checkpoint-dir (used when --run-dir is not given)."""
+    return os.path.join(args.checkpoint_dir, name)
 
 
 def build_as_released(make_model, probe_shape):
@@ -32,18 +89,6 @@ def lr_at_epoch(args, epoch):
     return 0.0
 
 
-def baseline_step(model, optimizer, x, y, autocast=contextlib.nullcontext):
-    """One iteration of a network trained alone with CE (forward under AUTOCAST(), the CE in float32). Returns the
-    loss and the logits."""
-    with autocast():
-        _, logits = model(x)
-    loss = F.cross_entropy(at_least_fp32(logits), y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss, logits
-
-
 def set_lr(optimizers, lr):
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -56,74 +101,61 @@ def head_names(number_net, number_stage):
             for i in range(number_net)]
 
 
-@torch.no_grad()
-def evaluate_pair(pair, loader, device, eval_batches=0, progress=lambda it, **kw: it):
-    """Eval-mode test of every head: per-head CE and top-1/top-5 (percent), the authors' test loss (sum of the head
-    CEs), and per network the maximum top-1 over its heads (what the released logs report). The CE sums stay on the
-    device in float64 (the same bits as summing .item() x batch size) and are read once at the end."""
-    pair.eval()
-    loss_sums, head_acc, samples = None, None, 0  # loss_sums: [test loss, every head's CE] x batch size
-    total = min(len(loader), eval_batches) if eval_batches else len(loader)
-    for i, (x, y) in enumerate(progress(loader, desc="test", total=total)):
-        if eval_batches and i >= eval_batches:
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        _, logits = pair(x)
-        if head_acc is None:
-            head_acc = [[AccuracyMeter() for _ in net] for net in logits]
-        losses = [[F.cross_entropy(z, y) for z in net] for net in logits]
-        batch = torch.stack([sum(sum(row) for row in losses)] + [ce for row in losses for ce in row]).double()
-        loss_sums = batch * x.size(0) if loss_sums is None else loss_sums + batch * x.size(0)
-        samples += x.size(0)
-        for i_net, net in enumerate(logits):
-            for j, z in enumerate(net):
-                head_acc[i_net][j].update(z, y)
-    names = head_names(len(head_acc), len(head_acc[0]))
-    means = iter(v / max(samples, 1) for v in loss_sums.tolist())
-    record = {"test/loss": next(means)}
-    for i_net, row in enumerate(head_acc):
-        for j, meter in enumerate(row):
-            acc = meter.per_sample()
-            record[f"test/{names[i_net][j]}/loss"] = next(means)  # heads in the order they were stacked
-            record[f"test/{names[i_net][j]}/top1"] = acc[1]
-            record[f"test/{names[i_net][j]}/top5"] = acc[5]
-        record[f"test/net{i_net + 1}/max_heads/top1"] = max(m.per_sample()[1] for m in row)
-    record["test/max_heads/top1"] = max(record[f"test/net{i + 1}/max_heads/top1"] for i in range(len(head_acc)))
-    return record
-
-
-@torch.no_grad()
-def evaluate_single(model, loader, device, eval_batches=0, progress=lambda it, **kw: it, name="net"):
-    """evaluate_pair for one network: CE (summed on the device in float64, read once) and top-1/top-5."""
+def test_heads(model, loader, setup, single=False):
+    """Eval-mode test of every head over the (per-process part of the) test loader, summed over processes:
+    per-head CE and top-1/top-5 (percent), and for a pair the authors' test loss (the sum of the head CEs) and per
+    network the maximum top-1 over its heads (what the released logs report). SINGLE: a baseline network (`net`)."""
     model.eval()
-    loss_sum, samples, acc = torch.zeros((), dtype=torch.float64, device=device), 0, AccuracyMeter()
-    total = min(len(loader), eval_batches) if eval_batches else len(loader)
-    for i, (x, y) in enumerate(progress(loader, desc="test", total=total)):
-        if eval_batches and i >= eval_batches:
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        _, logits = model(x)
-        loss_sum += F.cross_entropy(logits, y).double() * x.size(0)
-        samples += x.size(0)
-        acc.update(logits, y)
-    top = acc.per_sample()
-    return {f"test/{name}/loss": loss_sum.item() / max(samples, 1), f"test/{name}/top1": top[1],
-            f"test/{name}/top5": top[5]}
 
+    def forward(x, y):
+        logits = model(x)[1]
+        heads = [[logits]] if single else logits
+        names = [["net"]] if single else head_names(len(heads), len(heads[0]))
+        losses = [[F.cross_entropy(at_least_fp32(z), y) for z in net] for net in heads]
+        values = {} if single else {"loss": sum(sum(row) for row in losses)}
+        for row, net, net_losses in zip(names, heads, losses):
+            for name, z, ce in zip(row, net, net_losses):
+                values.update({f"{name}/loss": ce, **topk_accuracy(z, y, (1, 5), f"{name}/")})
+        return values
 
-def check_positive(parser, args, names):
-    for name in names:
-        value = getattr(args, name)
-        if value is None or value <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    record = evaluate(forward, loader, setup).per_sample("test/")
+    if not single:
+        nets = sorted({k.split("/")[1] for k in record if k.startswith("test/net")})
+        for net in nets:
+            record[f"test/{net}/max_heads/top1"] = max(v for k, v in record.items() if k.endswith("/top1")
+                                                       and k.split("/")[1] == net)
+        record["test/max_heads/top1"] = max(record[f"test/{net}/max_heads/top1"] for net in nets)
+    return record
 
 
 # ---- ImageNet scripts (torchrun / DDP; also one plain process) ----
 
+def add_imagenet_args(p):
+    """Options both ImageNet scripts share beyond the authors' (launcher flags are accepted and ignored)."""
+    p.add_argument("--image-size", type=int, default=224,
+                   help="train crop and val centre crop (val resize = size * 256/224); smaller only for smoke runs")
+    for flag in ("--world-size", "--rank", "--dist-url", "--dist-backend", "--local_rank", "--local-rank",
+                 "--master_addr", "--master_port"):
+        p.add_argument(flag, default=None, help="accepted for compatibility; torchrun's environment is used")
+    p.add_argument("--multiprocessing-distributed", action="store_true",
+                   help="accepted for compatibility; launch with torchrun --nproc_per_node N instead")
+
+
+IMAGENET_MAY_CHANGE = MAY_CHANGE + ("world_size", "rank", "dist_url", "dist_backend", "local_rank", "master_addr",
+                                    "master_port", "multiprocessing_distributed")
+
+
+def check_imagenet_args(parser, args, archs, positive=()):
+    check_args(parser, args, archs, ("image_size", *positive))
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; known before the process group starts
+    if args.batch_size % processes:
+        parser.error(f"--batch-size {args.batch_size} (global) is not divisible by {processes} processes")
+
+
 def imagenet_data(args, ctx, wrap_train=None):
     """Train/val ImageFolders and loaders. The train loader gets this process's share of the published global
-    batch (DistributedSampler, call set_epoch every epoch); the val set is split into disjoint strided parts
-    (exact: no sample is repeated, the counts are all-reduced). --image-size shrinks the crops for smoke runs."""
+    batch (DistributedSampler; common.loop.fit calls its set_epoch); the val set is split into disjoint strided parts
+    (exact: no sample is repeated, the sums are all-reduced). --image-size shrinks the crops for smoke runs."""
     from torch.utils.data import Subset
 
     from common.data import imagenet_datasets, imagenet_train_transform, imagenet_val_transform, make_loader
@@ -153,63 +185,7 @@ def seed_epoch(seed, rank, epoch):
 
 def sync_buffers(module, ctx):
     """Rank 0's BatchNorm statistics everywhere (DDP broadcasts them at every forward; forwards outside DDP, such
-    as the meta step's extra one, leave each process its own)."""
+    as the meta step's pass at theta_0, leave each process its own)."""
     if ctx.distributed:
         for b in module.buffers():
             torch.distributed.broadcast(b, 0)
-
-
-def reduce_sums(values, ctx):
-    """All-reduce sums and counts (a list of floats or a device tensor) in float64; returns a list of floats. The one
-    host sync of a training loop that keeps its sums on the device."""
-    from common.distributed import all_reduce_sum
-    return all_reduce_sum(torch.as_tensor(values, dtype=torch.float64, device=ctx.device), ctx).tolist()
-
-
-@torch.no_grad()
-def evaluate_heads(model, loader, ctx, eval_batches=0, progress=lambda it, **kw: it, single=False):
-    """evaluate_pair / evaluate_single over processes: per-head CE sums and top-1/top-5 counts are all-reduced, so
-    every process returns the numbers of the whole val set. `single`: a baseline network (key `net`)."""
-    from common.meters import topk_correct
-    model.eval()
-    sums, samples, shape = None, 0, None  # sums: per head [CE sum, top-1 count, top-5 count]
-    total = min(len(loader), eval_batches) if eval_batches else len(loader)
-    for i, (x, y) in enumerate(progress(loader, desc="test", total=total)):
-        if eval_batches and i >= eval_batches:
-            break
-        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-        logits = [[model(x)[1]]] if single else model(x)[1]
-        batch = torch.stack([torch.cat([F.cross_entropy(z, y, reduction="sum").view(1), topk_correct(z, y)])
-                             for net in logits for z in net]).double()
-        sums = batch if sums is None else sums + batch
-        shape, samples = [len(net) for net in logits], samples + y.size(0)
-    flat = reduce_sums(sums.flatten().tolist() + [samples], ctx)
-    samples = max(flat.pop(), 1)
-    per_head = [flat[3 * h:3 * h + 3] for h in range(len(flat) // 3)]
-    if single:
-        loss, top1, top5 = per_head[0]
-        return {"test/net/loss": loss / samples, "test/net/top1": 100 * top1 / samples,
-                "test/net/top5": 100 * top5 / samples}
-    names = head_names(len(shape), shape[0])
-    record = {"test/loss": sum(h[0] for h in per_head) / samples}
-    h = 0
-    for i_net, row in enumerate(names):
-        for name in row:
-            loss, top1, top5 = per_head[h]
-            record.update({f"test/{name}/loss": loss / samples, f"test/{name}/top1": 100 * top1 / samples,
-                           f"test/{name}/top5": 100 * top5 / samples})
-            h += 1
-        record[f"test/net{i_net + 1}/max_heads/top1"] = max(record[f"test/{n}/top1"] for n in row)
-    record["test/max_heads/top1"] = max(record[f"test/net{i + 1}/max_heads/top1"] for i in range(len(names)))
-    return record
-
-
-def add_imagenet_args(p):
-    """Options both ImageNet scripts share beyond the authors' (launcher flags are accepted and ignored)."""
-    p.add_argument("--image-size", type=int, default=224,
-                   help="train crop and val centre crop (val resize = size * 256/224); smaller only for smoke runs")
-    for flag in ("--world-size", "--rank", "--dist-url", "--dist-backend", "--local_rank", "--local-rank",
-                 "--master_addr", "--master_port"):
-        p.add_argument(flag, default=None, help="accepted for compatibility; torchrun's environment is used")
-    p.add_argument("--multiprocessing-distributed", action="store_true",
-                   help="accepted for compatibility; launch with torchrun --nproc_per_node N instead")

@@ -1,6 +1,7 @@
 """L-MCL (mcl/): architectures against the authors' fingerprints, parity with the reference fixtures, training
 scripts on synthetic data, resume, bad flags."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,14 +10,16 @@ import pytest
 import torch
 
 from common.logging import read_log
+from common.options import detached_setup
 from common.parity import floating_dtypes
 from conftest import REPO, shared_file
-from mcl.lmcl import MetaStep, make_optimizers, train_step
+from common.fast import Fast
+from mcl.lmcl import MetaStep
 from mcl.losses import mcl_loss
-from mcl.main_layer_mcl_cifar_meta import build_modules, get_parser
+from mcl.main_layer_mcl_cifar_meta import build_modules, get_args_parser
 from mcl.models import Aggregator, EmbedHeads, LossWeightNetwork, build_cifar_baseline, build_cifar_pair, networks_of
 from mcl.parity import check
-from mcl.train_utils import baseline_step
+from mcl.runs import BaselineRun, LMCLRun
 
 
 def count(module):
@@ -139,9 +142,9 @@ def test_seeded_modules_are_the_authors_initial_weights():
     network: the shipped fixture stores theirs rounded to the fp16 grid."""
     from mcl.parity import read
     fixture, state = read(shared_file("mcl", "lmcl_resnet32_cifar_fixture.pt"))
-    args = get_parser().parse_args(["--arch", fixture["args"]["arch"]])
+    args = get_args_parser().parse_args(["--arch", fixture["args"]["arch"]])
     torch.manual_seed(fixture["args"]["manual_seed"])
-    modules = build_modules(args, torch.device("cpu"))
+    modules, shape = build_modules(args, torch.device("cpu"))
     refs = (state, fixture["weights"]["criterion_mcl"], fixture["weights"]["aggregator"],
             fixture["weights"]["loss_weight_network"])
     for module, ref in zip(modules, refs):
@@ -150,25 +153,23 @@ def test_seeded_modules_are_the_authors_initial_weights():
         for k, v in ref.items():
             assert torch.equal(ours[k].half().float() if v.is_floating_point() else ours[k],
                                v.float() if v.is_floating_point() else v), k
-    assert (args.rep_dim, args.feat_dims) == (fixture["args"]["rep_dim"], fixture["args"]["feat_dims"])
+    assert (shape.rep_dim, shape.feat_dims) == (fixture["args"]["rep_dim"], fixture["args"]["feat_dims"])
 
 
 def test_float64_forward_loss_and_meta_step_never_make_a_float32_tensor():
     torch.manual_seed(0)
-    args = get_parser().parse_args(["--times", "1"])  # one virtual step of each kind (MCL, CE): every code path
+    args = get_args_parser().parse_args(["--times", "1"])  # one virtual step of each kind (MCL, CE): every path
     pair = build_cifar_pair(args.arch).double().train()
-    embed, aggregator, weight_net = (m.double() for m in (EmbedHeads([64, 64], 3), Aggregator([64, 64], 3),
-                                                          LossWeightNetwork([[64] * 3] * 2)))
-    optimizer, weight_optimizer = make_optimizers(pair, embed, aggregator, weight_net, args)
-    baseline = build_cifar_baseline("resnet32_cifar").double().train()
-    baseline_optimizer = torch.optim.SGD(baseline.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    modules = (pair, *(m.double() for m in (EmbedHeads([64, 64], 3), Aggregator([64, 64], 3),
+                                            LossWeightNetwork([[64] * 3] * 2))))
+    run = LMCLRun(detached_setup(Fast()), args, modules)
+    baseline = BaselineRun(detached_setup(Fast()), args, build_cifar_baseline("resnet32_cifar").double(), None)
     x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([3, 3])
     with floating_dtypes() as seen:
-        out = train_step(pair, embed, aggregator, weight_net, optimizer, x, y, args)
-        MetaStep(pair, embed, weight_net, args).step(x, y, 0.1, weight_optimizer)
-        loss, _ = baseline_step(baseline, baseline_optimizer, x, y)
+        lmcl = run.train_step(0, x, y)  # batch 0: the ordinary step and the meta step
+        loss = baseline.train_step(0, x, y)["loss"]
     assert set(seen) == {torch.float64}, seen
-    assert out["total"].dtype == loss.dtype == torch.float64
+    assert lmcl["loss"].dtype == loss.dtype == torch.float64
 
 
 def test_bad_architecture_names_and_depths_are_explained():
@@ -245,48 +246,67 @@ BASELINE_SMOKE = ["--arch", "resnet32_cifar", "--batch-size", "16", "--steps-per
                   "--num-workers", "0", "--quiet", "--seed", "1"]
 LMCL_SMOKE = ["--arch", "lmcl_resnet32_cifar", "--batch-size", "8", "--steps-per-epoch", "2", "--eval-batches", "1",
               "--meta-freq", "2", "--num-workers", "0", "--quiet", "--seed", "1"]
+KILL = "OKD_KILL_AFTER_STEP"
 
 
 def same_logs(a, b):
-    timing = ("epoch_time", "images_per_s")
+    timing = ("epoch_time", "train_time", "images_per_s")
     return [{k: v for k, v in r.items() if k not in timing} for r in a] == \
         [{k: v for k, v in r.items() if k not in timing} for r in b]
 
 
+def killed_and_resumed(script, args, tmp_path, kill_after):
+    """(uninterrupted run folder, run folder killed after KILL_AFTER steps then resumed): both finished."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_script(script, args + ["--run-dir", full])
+    killed = run_script(script, args + ["--run-dir", cut, "--save-every-steps", "1"], env={KILL: str(kill_after)},
+                        check=False)
+    assert killed.returncode != 0 and not (cut / "finished").exists()
+    assert len(read_log(cut)) == (kill_after - 1) // 3  # killed inside an epoch (3 steps each)
+    run_script(script, args + ["--run-dir", cut, "--resume"])
+    return full, cut
+
+
+def run_state(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["run"]
+
+
 def test_baseline_smoke_and_mid_epoch_resume_is_bit_exact(synthetic_root, tmp_path):
     args = BASELINE_SMOKE + ["--epochs", "2", "--data-root", synthetic_root]
-    full = tmp_path / "full"
-    run_script("main_cifar_baseline.py", args + ["--run-dir", full])
+    full, cut = killed_and_resumed("main_cifar_baseline.py", args, tmp_path, kill_after=5)
     log = read_log(full)
     assert [r["epoch"] for r in log] == [1, 2]
     assert {"train/loss", "train/net/top1", "test/net/loss", "test/net/top1", "test/net/top5", "lr"} <= set(log[0])
-    assert (full / "checkpoint.pt").exists() and (full / "best.pt").exists() and (full / "finished").exists()
-    cut = tmp_path / "cut"  # killed in the middle of epoch 2, then resumed from the step checkpoint
-    killed = run_script("main_cifar_baseline.py", args + ["--run-dir", cut, "--save-every-steps", "1"],
-                        env={"MCL_KILL_AT_STEP": "5"}, check=False)
-    assert killed.returncode != 0 and not (cut / "finished").exists()
-    run_script("main_cifar_baseline.py", args + ["--run-dir", cut, "--resume"])
-    a = torch.load(full / "checkpoint.pt", weights_only=False)
-    b = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert log[1]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 2)))  # epoch-wise cosine, epoch 1 of 2
+    assert (full / "best.pt").exists() and (full / "finished").exists()
+    a, b = run_state(full), run_state(cut)
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    assert a["optimizer"]["state"][0]["momentum_buffer"].equal(b["optimizer"]["state"][0]["momentum_buffer"])
     assert same_logs(read_log(full), read_log(cut))
 
 
-def test_lmcl_smoke_with_meta_step(synthetic_root, tmp_path):
-    run = tmp_path / "lmcl"
-    run_script("main_layer_mcl_cifar_meta.py", LMCL_SMOKE + ["--epochs", "1", "--data-root", synthetic_root,
-                                                             "--run-dir", run])
-    (record,) = read_log(run)
+def test_lmcl_smoke_with_meta_step_and_mid_epoch_resume_is_bit_exact(synthetic_root, tmp_path):
+    """Two epochs of 3 steps, a meta step at batches 0 and 2 of each; killed after step 4 (epoch 2's first step,
+    a meta step) and resumed: weights, both optimizers, the sampler and the log end identical."""
+    args = LMCL_SMOKE + ["--epochs", "2", "--steps-per-epoch", "3", "--data-root", synthetic_root]
+    full, cut = killed_and_resumed("main_layer_mcl_cifar_meta.py", args, tmp_path, kill_after=4)
+    record = read_log(full)[0]
     for key in ("train/loss", "train/loss_cls", "train/loss_logit_kd", "train/loss_vcl", "train/loss_soft_vcl",
                 "train/loss_icl", "train/loss_soft_icl", "train/net1/aux1/top1", "train/net2/aggregated/top1",
-                "test/net1/top1", "test/net2/aux2/top5", "test/net1/max_heads/top1", "test/max_heads/top1"):
+                "test/net1/top1", "test/net2/aux2/top5", "test/net1/max_heads/top1", "test/max_heads/top1", "lr"):
         assert key in record, key
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    a, b = run_state(full), run_state(cut)
     assert {"net", "criterion_mcl", "aggregator", "loss_weight_network", "optimizer", "weight_optimizer",
-            "sampler"} <= set(ckpt)
-    # the meta step moved the weight network (it has no other gradient) and left Nesterov momentum behind
-    assert ckpt["weight_optimizer"]["state"], "the weight network was never updated"
-    assert ckpt["net"]["module_list.0.backbone.bn1.num_batches_tracked"].item() == 3  # 2 steps + 1 meta extra
+            "sampler"} <= set(a)
+    for key in ("net", "criterion_mcl", "aggregator", "loss_weight_network"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    weight_momentum = [s["momentum_buffer"] for s in a["weight_optimizer"]["state"].values()]
+    assert weight_momentum and all(m.equal(n["momentum_buffer"]) for m, n in
+                                   zip(weight_momentum, b["weight_optimizer"]["state"].values()))
+    assert a["sampler"] == b["sampler"]
+    # 6 steps + one extra BatchNorm update per meta step (4 of them)
+    assert a["net"]["module_list.0.backbone.bn1.num_batches_tracked"].item() == 10
+    assert same_logs(read_log(full), read_log(cut))
 
 
 # log name -> (training_loss key, weight flag); the paper's weights, written out here rather than read from LOSS_LOG
@@ -295,15 +315,15 @@ LOGGED_TERMS = {"loss": ("total", None), "loss_cls": ("loss_cls", None), "loss_l
                 "loss_soft_icl": ("soft_icl", "lam")}
 
 
-def recorded_steps(monkeypatch, script, name, batch_of, terms_of):
-    """Wrap SCRIPT's step function NAME so that every call appends (batch size, {term: float}) to the returned list."""
-    steps, step = [], getattr(script, name)
+def recorded_steps(monkeypatch, cls, name, batch_of, terms_of):
+    """Wrap method NAME of CLS so that every call appends (batch size, {term: float}) to the returned list."""
+    steps, step = [], getattr(cls, name)
 
-    def recording(*args, **kwargs):
-        out = step(*args, **kwargs)
+    def recording(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
         steps.append((batch_of(args), {k: v.item() for k, v in terms_of(out).items()}))
         return out
-    monkeypatch.setattr(script, name, recording)
+    monkeypatch.setattr(cls, name, recording)
     return steps
 
 
@@ -321,12 +341,12 @@ def test_lmcl_logged_train_losses_are_weighted_means_of_the_step_terms(synthetic
     (The class-balanced sampler makes equal batches; the baseline test below has a short last batch.)"""
     import mcl.main_layer_mcl_cifar_meta as script
     keys = [key for key, _ in LOGGED_TERMS.values()]
-    steps = recorded_steps(monkeypatch, script, "train_step", lambda a: a[5].size(0),
+    steps = recorded_steps(monkeypatch, LMCLRun, "ordinary_step", lambda a: a[0].size(0),
                            lambda out: {k: out[k].detach() for k in keys})
     weights = {"alpha": 0.3, "gamma": 0.7, "beta": 0.2, "lam": 1.5}
     run = tmp_path / "lmcl"
     script.main(LMCL_SMOKE + ["--steps-per-epoch", "3", "--epochs", "1", "--data-root", str(synthetic_root),
-                              "--run-dir", str(run)] + [f"--{k}={v}" for k, v in weights.items()])
+                              "--run-dir", str(run), "--meta-freq", "50"] + [f"--{k}={v}" for k, v in weights.items()])
     (record,) = read_log(run)
     assert len(steps) == 3 and all(n == 8 for n, _ in steps)
     for name, (key, flag) in LOGGED_TERMS.items():
@@ -339,8 +359,8 @@ def test_lmcl_logged_train_losses_are_weighted_means_of_the_step_terms(synthetic
 def test_baseline_logged_train_loss_is_the_per_sample_mean(synthetic_root, tmp_path, monkeypatch):
     """600 synthetic images in batches of 256: 256, 256, 88, so a mean over batches instead of samples shows."""
     import mcl.main_cifar_baseline as script
-    steps = recorded_steps(monkeypatch, script, "baseline_step", lambda a: a[2].size(0),
-                           lambda out: {"loss": out[0].detach()})
+    steps = recorded_steps(monkeypatch, BaselineRun, "train_step", lambda a: a[1].size(0),
+                           lambda out: {"loss": out["loss"]})
     run = tmp_path / "baseline"
     script.main(BASELINE_SMOKE + ["--batch-size", "256", "--steps-per-epoch", "0", "--epochs", "1", "--data-root",
                                   str(synthetic_root), "--run-dir", str(run)])
@@ -349,33 +369,24 @@ def test_baseline_logged_train_loss_is_the_per_sample_mean(synthetic_root, tmp_p
     assert record["train/loss"] == weighted_mean(steps, "loss")
 
 
-@pytest.mark.slow
-def test_lmcl_mid_epoch_resume_is_bit_exact(synthetic_root, tmp_path):
-    args = LMCL_SMOKE + ["--epochs", "2", "--steps-per-epoch", "3", "--data-root", synthetic_root]
-    full = tmp_path / "full"
-    run_script("main_layer_mcl_cifar_meta.py", args + ["--run-dir", full])
-    cut = tmp_path / "cut"
-    killed = run_script("main_layer_mcl_cifar_meta.py", args + ["--run-dir", cut, "--save-every-steps", "1"],
-                        env={"MCL_KILL_AT_STEP": "4"}, check=False)
-    assert killed.returncode != 0
-    run_script("main_layer_mcl_cifar_meta.py", args + ["--run-dir", cut, "--resume"])
-    a = torch.load(full / "checkpoint.pt", weights_only=False)
-    b = torch.load(cut / "checkpoint.pt", weights_only=False)
-    for key in ("net", "criterion_mcl", "aggregator", "loss_weight_network"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    assert same_logs(read_log(full), read_log(cut))
-
-
 @pytest.mark.parametrize("script,args,message", [
     ("main_layer_mcl_cifar_meta.py", ["--arch", "lmcl_resnet31_cifar"], "lmcl_resnet32_cifar"),
     ("main_layer_mcl_cifar_meta.py", ["--batch-size", "7"], "must be even"),
     ("main_layer_mcl_cifar_meta.py", ["--meta-freq", "0"], "--meta-freq must be positive"),
     ("main_cifar_baseline.py", ["--arch", "resnet31_cifar"], "resnet32_cifar"),
     ("main_cifar_baseline.py", ["--lr-type", "step"], "invalid choice"),
+    # the authors' scripts train on CIFAR-100 whatever --dataset says (it only named the folder): refused
+    ("main_cifar_baseline.py", ["--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10'"),
+    ("main_layer_mcl_cifar_meta.py", ["--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10'"),
+    ("main_layer_mcl_cifar_meta.py", ["--init-lr", "-0.1"], "--init-lr must be positive"),
+    ("main_cifar_baseline.py", ["--weight-decay", "-1"], "--weight-decay must be >= 0"),
 ])
-def test_bad_flags_fail_clearly_before_writing(tmp_path, script, args, message):
-    result = run_script(script, args + ["--run-dir", tmp_path / "run", "--data-root", tmp_path], check=False)
-    assert result.returncode == 2 and message in result.stderr
+def test_bad_flags_fail_clearly_before_writing(tmp_path, capsys, script, args, message):
+    import importlib
+    main = importlib.import_module("mcl." + script.removesuffix(".py")).main  # in process: argparse exits the same
+    with pytest.raises(SystemExit) as exit_status:
+        main(args + ["--run-dir", str(tmp_path / "run"), "--data-root", str(tmp_path)])
+    assert exit_status.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -398,3 +409,35 @@ def test_published_tables_are_well_formed():
     assert all(r.match["script"].startswith("mcl/") and (REPO / "mcl" / r.argv[0]).exists() for r in rows)
     assert {r.value for r in rows if "ResNet-32, L-MCL" in r.name} == {75.82}
     assert all(set(r.scale_args) == {"smoke", "short"} for r in rows) and SMOKE
+
+
+@pytest.mark.parametrize("depth", [32, 110])  # BasicBlock, Bottleneck
+def test_in_place_resnet_blocks_give_the_out_of_place_bits(depth):
+    """The CIFAR ResNet blocks' in-place ReLU and residual add: the same outputs, gradients and second-order
+    gradients (what the meta step differentiates) bit for bit as the out-of-place formula, and the input unchanged."""
+    from mcl.models.resnet_cifar import make_layer, DEPTHS
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    block_type = DEPTHS[depth][0]
+    block = make_layer(block_type, 16, 16, 1, 2)[0].double().train()  # with its downsample shortcut
+    convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
+    bns = [block.bn1, block.bn2] + ([block.bn3] if hasattr(block, "bn3") else [])
+
+    def out_of_place(x):
+        out = x
+        for i, (conv, bn) in enumerate(zip(convs, bns)):
+            out = bn(conv(out))
+            out = F.relu(out) if i < len(convs) - 1 else out
+        return F.relu(out + block.downsample(x))
+
+    x = torch.randn(4, 16, 8, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for forward in (block, out_of_place):
+        x_before = x.detach().clone()
+        y = forward(x)
+        assert torch.equal(x.detach(), x_before)
+        params = [x] + list(block.parameters())
+        grads = torch.autograd.grad(y.square().sum(), params, create_graph=True)
+        second = torch.autograd.grad(sum(g.sum() for g in grads), params)
+        results.append([y.detach()] + [g.detach() for g in grads] + list(second))
+    assert all(torch.equal(a, b) for a, b in zip(*results))

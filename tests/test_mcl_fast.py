@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from common.data import ClassBalancedSampler
-from common.fast import DeviceCifarLoader, autocast, prepare_model
+from common.fast import DeviceCifarLoader, Fast
+from common.options import detached_setup
 from common.parity import F64, Report
 from common.logging import read_log
 from mcl.lmcl import training_loss
 from mcl.models import Aggregator, EmbedHeads, LossWeightNetwork, build_cifar_baseline, build_cifar_pair
-from mcl.train_utils import LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD, baseline_step
+from mcl.runs import BaselineRun
+from mcl.train_utils import LMCL_CIFAR100_MEAN, LMCL_CIFAR100_STD
 
 TERMS = ("total", "loss_cls", "loss_logit_kd", "vcl", "soft_vcl", "icl", "soft_icl")
 # bf16 keeps 8 mantissa bits: through a 32-layer network and 18 contrast pairs the total loss of this fixture batch
@@ -34,27 +36,25 @@ def fixture_batch(batch=16):
 ARGS = SimpleNamespace(kd_T=3.0, tau=0.1, alpha=0.1, gamma=1.0, beta=0.1, lam=1.0)
 
 
-def losses_of(fast_args, amp=False, dtype=torch.float32, reverse=False):
-    """Loss terms and the pair's flattened gradient for the fixture batch (REVERSE: the batch in reverse order, the
-    same math summed in another order)."""
+def losses_of(fast, dtype=torch.float32, reverse=False):
+    """Loss terms and the pair's flattened gradient for the fixture batch with the Fast value FAST (REVERSE: the
+    batch in reverse order, the same math summed in another order)."""
     pair, embed, aggregator, weight_net = (m.to(dtype) for m in lmcl_modules())
     pair.train()
-    forward = prepare_model(pair, fast_args)
+    forward = fast.prepare(pair)
     x, y = fixture_batch()
     x = x.to(dtype)
     if reverse:
         x, y = x.flip(0), y.flip(0)
-    if fast_args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    out = training_loss(forward, embed, aggregator, weight_net, x, y, ARGS,
-                        autocast=lambda: autocast(SimpleNamespace(amp="bf16" if amp else "none"), "cpu"))
+    x, y = fast.inputs(x, y)
+    out = training_loss(forward, embed, aggregator, weight_net, x, y, ARGS, autocast=fast.autocast)
     out["total"].backward()
     grad = torch.cat([p.grad.flatten() for p in pair.parameters() if p.grad is not None])
     return {k: out[k].detach().double() for k in TERMS}, grad
 
 
-PLAIN = SimpleNamespace(channels_last=False, compile=False)
-CHANNELS_LAST = SimpleNamespace(channels_last=True, compile=False)
+PLAIN = Fast()
+CHANNELS_LAST = Fast(channels_last=True)
 
 
 def test_channels_last_gives_the_same_losses_and_gradients():
@@ -78,14 +78,14 @@ def test_channels_last_gives_the_same_losses_and_gradients():
 @pytest.mark.slow
 def test_compile_gives_the_same_losses():
     plain, _ = losses_of(PLAIN)
-    fast, _ = losses_of(SimpleNamespace(channels_last=True, compile=True))
+    fast, _ = losses_of(Fast(channels_last=True, compile=True))
     for k in TERMS:
         assert torch.allclose(plain[k], fast[k], rtol=1e-4, atol=1e-5), (k, plain[k], fast[k])
 
 
 def test_bf16_autocast_stays_close_to_fp32_and_losses_are_fp32():
     fp32, _ = losses_of(PLAIN)
-    bf16, _ = losses_of(PLAIN, amp=True)
+    bf16, _ = losses_of(Fast(amp="bf16"))
     assert torch.isfinite(bf16["total"])
     assert abs(bf16["total"] - fp32["total"]) / fp32["total"] < BF16_RTOL
     for k in ("loss_cls", "loss_logit_kd", "icl", "vcl"):
@@ -95,12 +95,15 @@ def test_bf16_autocast_stays_close_to_fp32_and_losses_are_fp32():
 def test_bf16_baseline_step_computes_the_loss_in_fp32():
     torch.manual_seed(0)
     model = build_cifar_baseline("resnet32_cifar")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    fast = Fast(amp="bf16")
+    with torch.no_grad(), fast.autocast():
+        assert model.train()(fixture_batch()[0])[1].dtype == torch.bfloat16
+    args = SimpleNamespace(init_lr=0.0, weight_decay=0.0)
     x, y = fixture_batch()
-    loss, logits = baseline_step(model, optimizer, x, y, autocast=lambda: torch.autocast("cpu", torch.bfloat16))
-    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     with torch.no_grad():
-        reference = torch.nn.functional.cross_entropy(model(x)[1], y)
+        reference = torch.nn.functional.cross_entropy(model.train()(x)[1], y)
+    loss = BaselineRun(detached_setup(fast), args, model, None).train_step(0, x, y)["loss"]
+    assert loss.dtype == torch.float32
     assert abs(loss.item() - reference.item()) / reference.item() < BF16_RTOL
 
 
@@ -129,7 +132,7 @@ def test_lmcl_and_baseline_run_with_data_on_device(synthetic_root, tmp_path):
     (record,) = read_log(run)
     assert np.isfinite(record["train/loss"]) and "test/max_heads/top1" in record
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert "train_loader" in ckpt and ckpt["net"]["module_list.0.backbone.bn1.num_batches_tracked"].item() == 3
+    assert "loader" in ckpt and ckpt["run"]["net"]["module_list.0.backbone.bn1.num_batches_tracked"].item() == 3
     run = tmp_path / "baseline"
     run_script("main_cifar_baseline.py", BASELINE_SMOKE + ["--epochs", "3", "--steps-per-epoch", "10", "--data-root",
                                                            synthetic_root, "--run-dir", run, "--data-on-device",

@@ -120,8 +120,9 @@ def test_contrast_indices_and_memory_update():
     data = ContrastiveIndices(Labels(), pos_k=1, neg_k=64)
     labels = torch.tensor(Labels.targets)
     for n in range(len(labels)):
-        _, _, row = data[n]
-        assert row.shape == (66,) and row[0] == n and labels[row[1]] == labels[n]
+        _, target = data[n]
+        label, row = target[0], target[1:]
+        assert label == labels[n] and row.shape == (66,) and row[0] == n and labels[row[1]] == labels[n]
         assert row[1] != n or n == 9  # index 9 is alone in its class: its own slot is its positive
         assert (labels[row[2:]] != labels[n]).all()
     memory = MemoryBank(2, 10, feat_dim=8, momentum=0.5)
@@ -177,10 +178,10 @@ def test_imagenet_baseline_under_torchrun(synthetic_root, tmp_path):
     assert {"train/loss", "train/net/top1", "test/net/loss", "test/net/top1", "test/net/top5"} <= set(record)
     # 4 classes x 4 val images, split over the two processes without repeats: top-1 is a multiple of 1/16
     assert abs(record["test/net/top1"] * 16 / 100 - round(record["test/net/top1"] * 16 / 100)) < 1e-6
-    ckpt = load_checkpoint(run / "checkpoint.pt", expect_meta={"arch": "ShuffleNetV2_1x_imagenet"})
+    ckpt = load_checkpoint(run / "checkpoint.pt")
     model = build_imagenet_baseline("ShuffleNetV2_1x_imagenet", num_classes=4)
-    model.load_state_dict(ckpt["net"])
-    assert ckpt["epoch"] == 1 and ckpt["optimizer"]["state"] and (run / "finished").exists()
+    model.load_state_dict(ckpt["run"]["net"])
+    assert ckpt["epochs_done"] == 1 and ckpt["run"]["optimizer"]["state"] and (run / "finished").exists()
 
 
 @pytest.mark.slow
@@ -193,7 +194,7 @@ def test_imagenet_lmcl_under_torchrun_with_meta_step(synthetic_root, tmp_path):
     for key in ("train/loss", "train/loss_vcl", "train/loss_soft_icl", "train/net1/aux3/top1",
                 "train/net2/aggregated/top1", "test/net1/top1", "test/net2/aux3/top5", "test/max_heads/top1"):
         assert key in record, key
-    ckpt = load_checkpoint(run / "checkpoint.pt", expect_meta={"arch": "lmcl_ShuffleNetV2_1x_imagenet"})
+    ckpt = load_checkpoint(run / "checkpoint.pt")["run"]
     pair = build_imagenet_pair("lmcl_ShuffleNetV2_1x_imagenet", num_classes=4)
     pair.load_state_dict(ckpt["net"])
     assert ckpt["memory"]["memory_0"].shape == (48, 128)  # one slot per synthetic training image
@@ -217,7 +218,7 @@ def test_imagenet_lmcl_runs_as_one_plain_process(synthetic_root, tmp_path):
 def test_imagenet_bad_flags_fail_clearly(tmp_path):
     for script, args, message in (
             ("main_layer_mcl_imagenet_meta.py", ["--arch", "lmcl_resnet19_imagenet"], "lmcl_resnet18_imagenet"),
-            ("main_layer_mcl_imagenet_meta.py", ["--neg_k", "0"], "must be positive, got 0"),
+            ("main_layer_mcl_imagenet_meta.py", ["--neg_k", "0"], "--neg_k must be positive; got 0"),
             ("main_imagenet_baseline.py", ["--arch", "resnet34"], "resnet34_imagenet")):
         result = subprocess.run([sys.executable, script, *args, "--run-dir", str(tmp_path / "run"), "--data-root",
                                  str(tmp_path)], cwd=REPO / "mcl", capture_output=True, text=True)

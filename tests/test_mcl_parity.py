@@ -15,7 +15,7 @@ import mcl.losses
 from conftest import shared_file
 from mcl.lmcl import MetaStep
 from mcl.losses import mcl_pair_terms, weighted_soft_kl
-from mcl.main_layer_mcl_cifar_meta import build_modules, get_parser
+from mcl.main_layer_mcl_cifar_meta import build_modules, get_args_parser
 from mcl.parity import LOSS_GROUPS, check, iteration
 
 
@@ -120,9 +120,9 @@ def write_fixture(folder, arch, seed, batch_seed, parts, float16_weights, meta):
     """A fixture of SCHEMA.md section 4 written by our own code: seeded initial modules rounded onto the fp16 grid,
     one iteration in float32 (the 'reference') and in float64 (its float64_reference), the pair's weights split into
     PARTS files. Returns its path."""
-    args = get_parser().parse_args(["--arch", arch, "--manual_seed", str(seed)])
+    args = get_args_parser().parse_args(["--arch", arch, "--manual_seed", str(seed)])
     torch.manual_seed(seed)
-    modules = build_modules(args, torch.device("cpu"))
+    modules, shape = build_modules(args, torch.device("cpu"))
     with torch.no_grad():
         for module in modules:
             for t in module.state_dict().values():
@@ -143,8 +143,8 @@ def write_fixture(folder, arch, seed, batch_seed, parts, float16_weights, meta):
     cast = (lambda v: v.half() if v.is_floating_point() else v) if float16_weights else (lambda v: v)
     fixture_args = {k: getattr(args, k) for k in ("arch", "init_lr", "weight_decay", "lr_type", "milestones", "epochs",
                                                   "batch_size", "times", "meta_freq", "manual_seed", "number_net",
-                                                  "kd_T", "tau", "alpha", "gamma", "beta", "lam", "feat_dim",
-                                                  "number_stage", "rep_dim", "feat_dims")}
+                                                  "kd_T", "tau", "alpha", "gamma", "beta", "lam", "feat_dim")}
+    fixture_args.update(number_stage=shape.number_stage, rep_dim=shape.rep_dim, feat_dims=shape.feat_dims)
     fixture = {"description": f"{arch}, seed {seed}, batch seed {batch_seed}: written by mcl/ itself (test)",
                "args": fixture_args, "weight_files": weight_files, "weight_file_sha256": sha,
                "weights": {name: {k: cast(v) for k, v in m.state_dict().items()}
@@ -154,7 +154,7 @@ def write_fixture(folder, arch, seed, batch_seed, parts, float16_weights, meta):
                                                                             else "float32"}}
     run = iteration(fixture, state, torch.float32, meta=meta)
     run64 = iteration(fixture, state, torch.float64, meta=meta, exact=meta)
-    n, s = len(args.rep_dim), args.number_stage
+    n, s = len(shape.rep_dim), shape.number_stage
     out = run["outputs"]
 
     def per_head(d):

@@ -22,10 +22,12 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        # in place on BatchNorm outputs (BatchNorm's backward keeps its input, not its output; ReLU's keeps its
+        # result): the same values and gradients without a fresh activation-sized buffer each. x is never written.
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        out += x if self.downsample is None else self.downsample(x)
+        return F.relu(out, inplace=True)
 
 
 class Bottleneck(nn.Module):
@@ -42,11 +44,12 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        # in place on BatchNorm outputs, as BasicBlock
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        out += x if self.downsample is None else self.downsample(x)
+        return F.relu(out, inplace=True)
 
 
 def make_layer(block, in_planes, planes, blocks, stride):
@@ -88,7 +91,7 @@ class ResNetCIFAR(nn.Module):
         init_kaiming(self)
 
     def forward(self, x, return_stages=False):
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         f1 = self.layer1(x)
         f2 = self.layer2(f1)
         pooled = F.adaptive_avg_pool2d(self.layer3(f2), 1).flatten(1)
