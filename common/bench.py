@@ -22,7 +22,6 @@ what it costs on the real set).
 --workers overrides the scripts' loader workers (default: each script's own default).
 """
 import argparse
-import inspect
 import json
 import math
 import os
@@ -63,30 +62,11 @@ class BenchCase:
     paper: str
     method: str
     arch: str
-    build: Callable                 # build(device, args) -> Built
-    # train_loader(data_root, device, args) -> the training script's own train loader (None: no end-to-end figure)
+    build: Callable                 # build(fast, batch) -> Built
+    # train_loader(data_root, fast, batch, workers) -> the training script's own train loader (None: no end-to-end
+    # figure); workers None means the script's default
     train_loader: Callable = None
     dataset: str = "cifar100"       # the data the loader reads: cifar10 | cifar100 | imagenet
-
-
-def _build(case, fast, args):
-    """case.build(fast, batch) -> Built; cases still written for (device, args) are given those."""
-    if "fast" in inspect.signature(case.build).parameters:
-        return case.build(fast=fast, batch=args.batch)
-    return case.build(fast.device, _legacy_args(fast, args))
-
-
-def _train_loader(case, root, fast, args):
-    if "fast" in inspect.signature(case.train_loader).parameters:
-        return case.train_loader(root, fast=fast, batch=args.batch, workers=args.workers)
-    return case.train_loader(root, fast.device, _legacy_args(fast, args))
-
-
-def _legacy_args(fast, args):
-    legacy = argparse.Namespace(**vars(args))
-    for name in ("amp", "channels_last", "compile", "data_on_device"):
-        setattr(legacy, name, getattr(fast, name))
-    return legacy
 
 
 def minor_faults():
@@ -174,7 +154,7 @@ def end_to_end(case, built, fast, args):
     with tempfile.TemporaryDirectory() as tmp:
         real = args.imagenet_root if case.dataset == "imagenet" else args.data_root
         root = real or synthetic_root(case.dataset, args.batch * (args.warmup + args.steps), tmp)
-        loader = _train_loader(case, root, fast, args)
+        loader = case.train_loader(root, fast=fast, batch=args.batch, workers=args.workers)
         done, start = 0, time.perf_counter()
         while done < args.warmup + args.steps:  # a small synthetic set may take more than one pass
             for x, y in loader:  # timed from the end of the warm-up: fetching a batch counts
@@ -206,7 +186,7 @@ def measure(case, args):
     device = fast.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    built = _build(case, fast, args)
+    built = case.build(fast=fast, batch=args.batch)
     x, y = fast.inputs(torch.randn(args.batch, 3, built.input_size, built.input_size),
                        torch.randint(0, built.num_classes, (args.batch,)))
     for _ in range(args.warmup):

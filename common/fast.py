@@ -87,39 +87,10 @@ class Fast:
         return ", ".join(on) or "off (the released math)"
 
 
-# Transitional: the scripts not yet on common.options still call these three.
-def resolve_fast_args(args):
-    if not getattr(args, "fast", False):
-        return args
-    on_gpu = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")).type \
-        == "cuda"
-    for name, value in (FAST_ON_GPU if on_gpu else FAST_ON_CPU).items():
-        setattr(args, name, value)
-    if on_gpu:
-        torch.backends.cudnn.benchmark = True
-    return args
-
-
 def at_least_fp32(t):
     """T in at least float32: bf16/fp16 autocast outputs go to float32 (softmax, CE, KL stay fp32 under --amp),
     float32 is returned as is and float64 stays float64 (the parity checkers run every model and loss in float64)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def autocast(args, device):
-    """bf16 autocast when --amp bf16, else a no-op context. Losses should take `.float()` logits."""
-    if getattr(args, "amp", "none") == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def prepare_model(model, args):
-    """channels_last and torch.compile as requested; returns the module to call (the original keeps its state)."""
-    if getattr(args, "channels_last", False):
-        model = model.to(memory_format=torch.channels_last)
-    if getattr(args, "compile", False):
-        return torch.compile(model)
-    return model
 
 
 def device_augment(images, offsets, flips, padding_mode="constant", order="crop_flip"):

@@ -12,31 +12,10 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 
 import torch
 
 FINISHED_NAME = "finished"
-
-
-def add_common_args(parser, data_root_default="./data", data_root_flags=("--data-root",)):
-    """Options every training script of the repository has, whatever the authors' script called its own."""
-    g = parser.add_argument_group("run management (common to every script of this repository)")
-    g.add_argument("--run-dir", default=None, help="folder for args.json, log.jsonl, events and checkpoints")
-    g.add_argument(*data_root_flags, dest="data_root", default=data_root_default,
-                   help="folder holding the dataset (cifar-*-python or ImageNet train/ and val/)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from <run-dir>/checkpoint.pt if it exists (start fresh otherwise)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.add_argument("--steps-per-epoch", type=int, default=0,
-                   help="stop each training epoch after this many iterations (0 = full epoch; for smoke runs)")
-    g.add_argument("--eval-batches", type=int, default=0, help="evaluate on this many test batches (0 = all)")
-    g.add_argument("--save-every-steps", type=int, default=0,
-                   help="also checkpoint every N iterations inside an epoch (0 = at epoch ends only)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels (cudnn.benchmark off), for debugging; slower on GPUs")
-    return g
 
 
 def git_commit():
@@ -77,19 +56,13 @@ class RunLogger:
     RECORD (a new run's args.json content) is written when given; a resumed run keeps the args.json it started with.
     """
 
-    def __init__(self, run_dir, args=None, script=None, enabled=True, quiet=False, device=None, record=None):
+    def __init__(self, run_dir, record=None, enabled=True, quiet=False):
         self.run_dir, self.enabled = run_dir, enabled
         self.quiet = quiet or not sys.stderr.isatty()
         self.writer = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        if script is not None:  # transitional: the scripts not yet on common.options pass args and script
-            record = {"script": script, **{k: jsonable(v) for k, v in vars(args).items()}, "env": environment(device)}
-        elif args is not None and not isinstance(args, dict):
-            raise TypeError("RunLogger(run_dir, record): record is the args.json dict")
-        else:
-            record = args if record is None else record
         if record is not None:
             with open(os.path.join(run_dir, "args.json"), "w") as f:
                 json.dump(record, f, indent=2)
@@ -127,16 +100,6 @@ class RunLogger:
                     self.writer.add_scalar(k, v, record["epoch"])
             self.writer.flush()
 
-    def truncate_after(self, epoch):
-        """On resume: drop log lines of epochs after the checkpoint's (they will be recomputed identically)."""
-        path = os.path.join(self.run_dir, "log.jsonl")
-        if not self.enabled or not os.path.exists(path):
-            return
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("epoch", -1) <= epoch]
-        with open(path, "w") as f:
-            f.writelines(keep)
-
     def keep_first(self, n):
         """On resume: keep the first N records of log.jsonl (one per completed epoch), drop what came after."""
         path = os.path.join(self.run_dir, "log.jsonl")
@@ -172,9 +135,9 @@ class NonFiniteLossError(RuntimeError):
 class FiniteGuard:
     """Watches the training loss without a host sync per step.
 
-    update(loss, step) every step keeps, on the device, the first step whose loss was not finite. check(...) reads
-    it (at the print interval and before every checkpoint, so a diverged state is never saved over a good one) and
-    raises NonFiniteLossError saying exactly which step went wrong and what the kept checkpoints hold.
+    update(loss, step) every step keeps, on the device, the first step whose loss was not finite; failed_step() reads
+    it (common.loop.fit does, at the print interval and before every checkpoint, so that a diverged state is never
+    saved over a good one, and raises NonFiniteLossError naming the step and what the kept checkpoints hold).
     """
 
     def __init__(self):
@@ -192,12 +155,3 @@ class FiniteGuard:
             return None
         step = int(self.first_bad)
         return None if step < 0 else step
-
-    def check(self, where, checkpoint=None, kept=""):
-        """Legacy form for the scripts not yet on common.loop: raise if any loss since the last check was bad."""
-        step = self.failed_step()
-        self.first_bad = None
-        if step is not None:
-            note = f" The last good checkpoint {checkpoint} is intact; resume from it with --resume" \
-                   f" (after lowering the learning rate, for instance)." if checkpoint else ""
-            raise NonFiniteLossError(f"the training loss became NaN or inf (detected at {where}); run stopped.{note}")

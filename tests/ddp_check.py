@@ -40,7 +40,7 @@ def main():
     assert torch.allclose(unwrap(model).weight.grad, reference.weight.grad, atol=1e-6)
 
     # Only rank 0 writes the run directory.
-    logger = RunLogger(run_dir, type("A", (), {})(), script="tests/ddp_check.py", enabled=ctx.is_main, quiet=True)
+    logger = RunLogger(run_dir, {"script": "tests/ddp_check.py"}, enabled=ctx.is_main, quiet=True)
     logger.log_epoch({"epoch": 1, "rank": ctx.rank})
     cleanup(ctx)
     if ctx.is_main:

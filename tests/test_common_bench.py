@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.bench import _train_loader, all_cases, allocated_mb, compare_files, forward_flops, markdown_table
+from common.bench import all_cases, allocated_mb, compare_files, forward_flops, markdown_table
 from common.fast import DeviceCifarLoader, Fast
 from common.options import loader_workers
 
@@ -34,7 +34,7 @@ def _bench_args(**over):
 
 def _loader(case, root, **over):
     args = _bench_args(**over)
-    return _train_loader(case, root, Fast.from_args(args, "cpu"), args)
+    return case.train_loader(root, fast=Fast.from_args(args, "cpu"), batch=args.batch, workers=args.workers)
 
 
 def _loader_kinds():
@@ -57,7 +57,7 @@ def test_every_case_feeds_its_step_from_the_scripts_own_loader(case, synthetic_r
     if case.dataset != "imagenet":
         args = _bench_args(data_on_device=True, channels_last=True)
         fast = Fast.from_args(args, "cpu")
-        loader = _train_loader(case, root, fast, args)
+        loader = case.train_loader(root, fast=fast, batch=args.batch, workers=args.workers)
         assert isinstance(loader, DeviceCifarLoader)
         x, _ = fast.inputs(*next(iter(loader)))
         assert x.shape == (4, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)

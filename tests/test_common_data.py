@@ -10,7 +10,7 @@ from common.data import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
                          DatasetNotFoundError, SYNTHETIC_MARKER, cifar_datasets, cifar_test_transform,
                          cifar_train_transform, imagenet_datasets, imagenet_train_transform, imagenet_val_transform,
                          make_loader)
-from common.meters import AccuracyMeter, AverageMeter, accuracy, topk_correct
+from common.meters import Meter, topk_accuracy, topk_correct
 from common.synthetic import write_cifar
 
 
@@ -149,17 +149,15 @@ def test_class_balanced_sampler_semantics():
     assert list(fresh) != nxt
 
 
-def test_meters_per_sample_and_per_batch_mean():
+def test_meter_per_sample_and_per_batch_means_of_topk_accuracy():
     logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [1.0, 2.0, 3.0]])
     target = torch.tensor([0, 2, 0])
     assert topk_correct(logits, target, (1, 2)).tolist() == [1.0, 2.0]
-    assert accuracy(logits, target, (1,)) == [pytest.approx(100 / 3)]
-    meter = AccuracyMeter(topk=(1, 2))
-    meter.update(logits[:2], target[:2])  # 1/2 top-1
-    meter.update(logits[2:], target[2:])  # 0/1 top-1
-    assert meter.per_sample()[1] == pytest.approx(100 / 3)
-    assert meter.per_batch_mean()[1] == pytest.approx(25.0)
-    avg = AverageMeter()
-    avg.update(1.0, 3)
-    avg.update(3.0, 1)
-    assert avg.avg == pytest.approx(1.5)
+    assert {k: v.item() for k, v in topk_accuracy(logits, target, (1,), "net/").items()} == \
+        {"net/top1": pytest.approx(100 / 3)}
+    meter = Meter()
+    meter.update({**topk_accuracy(logits[:2], target[:2], (1, 2)), "loss": torch.tensor(1.0)}, 2)  # top-1 1/2
+    meter.update({**topk_accuracy(logits[2:], target[2:], (1, 2)), "loss": torch.tensor(4.0)}, 1)  # top-1 0/1
+    assert meter.per_sample()["top1"] == pytest.approx(100 / 3)     # weighted by samples: 1 of 3 images
+    assert meter.per_batch()["top1"] == pytest.approx(25.0)         # mean over batches: (50 + 0) / 2
+    assert meter.per_sample("train/")["train/loss"] == pytest.approx(2.0) and meter.per_batch()["loss"] == 2.5

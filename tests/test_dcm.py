@@ -19,14 +19,7 @@ from dcm.mobilenet import MobileNet
 from dcm.resnet import WRN
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: batches of 2 to 8 train as fast on one as on two, much faster on a shared 2-core machine,
-    and a process forked from one that ran OpenMP teams (the kill tests) hangs in its first parallel region."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def script_args(*argv):

@@ -14,7 +14,9 @@ from common.parity import Report
 from dcm import main as dcm_main
 from dcm.losses import term_names
 
-from test_dcm import one_thread, script_args  # noqa: F401  (one_thread: autouse)
+from test_dcm import script_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # bf16 keeps 8 bits of mantissa (eps 7.8e-3): on the fixture batch the forwards under autocast moved the total loss by
 # 6e-5 relative and no term by more than 1e-3 of the total (measured on the CPU). The bounds are two bf16 eps.

@@ -20,7 +20,8 @@ from dcm.convert import flat_to_wrn
 from dcm.mobilenet import MobileNet
 from dcm.resnet import WRN
 
-from test_dcm import one_thread  # noqa: F401  (autouse)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 POST_STEP = ("net1 after one step", "net2 after one step", "loss after one step")
 

@@ -22,7 +22,9 @@ from common.options import RunFolderError
 from dcm import bench, mobilenet, published, resnet
 from dcm import main as dcm_main
 
-from test_dcm import dcm_run, one_thread, script_args  # noqa: F401  (one_thread: autouse)
+from test_dcm import dcm_run, script_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DCM = pathlib.Path(dcm_main.__file__).resolve().parent
 TIMES = ("epoch_time", "train_time", "test_time", "images_per_s")

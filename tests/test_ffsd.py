@@ -15,7 +15,8 @@ from ffsd.losses import lambda_warmup
 from ffsd.models import create_decoder, create_fusion_module, create_model
 from ffsd.training import build_networks, build_optimizers, imagenet_lr, train_step, warmed_up_lambdas
 
-from test_ffsd_runs import one_thread  # noqa: F401  (autouse: small batches run fastest on one thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 LAMBDAS = {"diversity": 1e-5, "fusion": 10.0, "self_distillation": 1000.0}
 

@@ -11,7 +11,9 @@ from common.logging import read_log
 from common.parity import Report
 from ffsd.training import build_networks, build_optimizers, prepare_networks, train_step, warmed_up_lambdas
 
-from test_ffsd_runs import assert_same_run, killed, one_thread  # noqa: F401  (one_thread: autouse)
+from test_ffsd_runs import assert_same_run, killed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAMBDAS = {"diversity": 1e-5, "fusion": 10.0, "self_distillation": 1000.0}
 NETWORK_TOTALS = ("student0/total", "student1/total", "fusion/total", "leader/total")

@@ -17,7 +17,8 @@ from common.parity import FixtureError, floating_dtypes
 from ffsd import losses, parity, training
 from ffsd.models import CIFAR_MODELS, IMAGENET_MODELS, create_model
 
-from test_ffsd_runs import one_thread  # noqa: F401  (autouse: batches of 8 run fastest on one thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 FIXTURE_LOSS_NAMES = {"fusion/kl": "fusion/kl_to_student_mean_logits (T^2*KL)",
                       "leader/kl": "leader/kl_to_fusion (T^2*KL)"}

@@ -26,14 +26,7 @@ from ffsd.training import build_networks
 TIMES = ("epoch_time", "train_time", "images_per_s")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches of 4: one thread is as fast alone and much faster on a shared 2-core machine. Module-wide, so the
-    uninterrupted run and the interrupted ones compute with the same kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def argv(root, run_dir, *extra):

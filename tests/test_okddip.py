@@ -22,13 +22,7 @@ TINY = ["--num_epochs", "1", "--steps-per-epoch", "2", "--eval-batches", "1", "-
         "--num_workers", "0", "--lr", "0.02", "--seed", "1", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The checker's setting: one thread (our float32 rounding does not depend on the core count; fast on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_parity_with_released_code(okddip_fixture):

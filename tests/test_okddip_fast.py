@@ -16,13 +16,7 @@ TINY = ["--num_epochs", "1", "--steps-per-epoch", "2", "--eval-batches", "1", "-
         "--num_workers", "0", "--lr", "0.02", "--seed", "1", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Batches of 8: one thread is as fast alone and much faster on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("module,flags,key", [

@@ -18,12 +18,7 @@ EPOCHS = (0, 40, 100)
 HYPER = {"T": 3.0, "alpha": 1.0, "start_consistency": 0.0, "length": 80, "num_epochs": 300, "loss": "KL"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ fixtures written to the schema ----

@@ -21,7 +21,8 @@ from okddip import bench, engine, published, train, train_GL
 from okddip.engine import RecipeRun
 from okddip.models import resnet
 
-from test_okddip_fast import one_thread  # noqa: F401  (autouse: batches of 8 run fastest on one thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 TIMES = ("epoch_time", "train_time", "images_per_s")
 
