@@ -32,7 +32,7 @@ from common.options import REPO, default_data_root
 FULL = [("okddip", None, "resnet32"), ("ffsd", None, "resnet32"), ("mcl", None, "resnet32"),
         ("dcm", "dcm", "wrn-28-10|wrn-28-10")]
 TINY = [("okddip", "baseline", "resnet32"), ("okddip", "okddip", "resnet32"), ("ffsd", None, "resnet32"),
-        ("mcl", "L-MCL+meta", "resnet32"), ("dcm", "dcm", "wrn-16-2|wrn-16-2")]
+        ("mcl", "L-MCL", "resnet32"), ("dcm", "dcm", "wrn-16-2|wrn-16-2")]
 
 
 def selected_cases(tiny):
