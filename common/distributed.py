@@ -87,10 +87,6 @@ def all_reduce_sum(tensor, ctx):
     return tensor
 
 
-def all_reduce_mean(tensor, ctx):
-    return all_reduce_sum(tensor, ctx) / ctx.world_size
-
-
 def broadcast_int(value, ctx):
     """Rank 0's VALUE on every process (identity when not distributed)."""
     if not ctx.distributed:

@@ -19,12 +19,18 @@ Checkpoints: `checkpoint.pt` (the latest, inside or at the end of an epoch) and 
 epoch). A non-finite loss stops the run before anything is saved, and the message says which step went wrong and
 what each kept file holds.
 
+SIGTERM or SIGUSR1 (SLURM pre-empting a job or ending its time, `kill`, a reproduce.sh pool stopped with Ctrl-C)
+stops the run at the next step boundary: that step is checkpointed and the process exits with RunStopped's message
+(`--resume` continues from that step, bit-exactly on the CPU). In a distributed run the processes agree on the stop
+every STOP_CHECK_EVERY steps, so that all of them save the same step.
+
 Tests interrupt a run at an exact point with OKD_KILL_AFTER_STEP=N: the process SIGKILLs itself right after its N-th
 training step (and any checkpoint due then).
 """
 import abc
 import os
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -37,6 +43,16 @@ from common.options import identity_differences
 
 KILL_ENV = "OKD_KILL_AFTER_STEP"
 EPOCH_END_NAME = "epoch_end.pt"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_CHECK_EVERY = 10  # steps between the distributed processes' agreement on a stop request (one tiny all-reduce)
+
+
+class RunStopped(Exception):
+    """A stop signal arrived; the run saved the step it had reached and stopped (an expected end: --resume)."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
 
 
 class Run(abc.ABC):
@@ -84,6 +100,39 @@ class Run(abc.ABC):
         """The inverse of state_dict (tensors arrive on the run's device)."""
 
 
+class _StopRequest:
+    """Catches STOP_SIGNALS while fit runs (only the main thread can install handlers; elsewhere it catches none)."""
+
+    def __init__(self, ctx):
+        self.ctx, self.signum, self.previous, self.pid = ctx, None, {}, os.getpid()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._caught)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _caught(self, signum, frame):
+        if os.getpid() != self.pid:  # a loader worker forked while the handler was installed: end as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+    def requested(self, step=None):
+        """The signal to stop for after 0-based STEP (None: at an epoch end), agreed by every process, or None."""
+        if not self.ctx.distributed:
+            return self.signum
+        if step is not None and (step + 1) % STOP_CHECK_EVERY:
+            return None
+        t = torch.tensor([self.signum or 0], dtype=torch.long, device=self.ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t) or None
+
+
 class _Checkpoints:
     """checkpoint.pt and epoch_end.pt of one run, and what they hold (for honest messages)."""
 
@@ -115,6 +164,10 @@ class _Checkpoints:
             raise CheckpointError(f"checkpoint {self.path} belongs to a run with other settings:\n  "
                                   + "\n  ".join(diffs))
         return state
+
+    def stopped(self, signum, where):
+        return RunStopped(f"stopped by {signal.Signals(signum).name} at {where}: {self.path} holds that point; run "
+                          f"the same command with --resume to continue from it", signum)
 
     def non_finite(self, label, step):
         """The message of a NaN/inf stop at STEP (0-based) of epoch LABEL."""
@@ -161,6 +214,15 @@ def fit(run, loader, setup, epochs, print_every=0):
         run.truncate_logs(done)
         logger.print(f"resumed {setup.run_dir} after {done} epoch(s)"
                      + (f" and {epoch_state['step']} step(s)" if epoch_state else ""))
+    with _StopRequest(ctx) as stop:
+        record = _train_epochs(run, loader, setup, epochs, done, state, epoch_state, checkpoints, stop, print_every)
+    logger.finish(run.summary(record))
+    return record
+
+
+def _train_epochs(run, loader, setup, epochs, done, state, epoch_state, checkpoints, stop, print_every):
+    """The epochs after the DONE completed ones (EPOCH_STATE: the half-done one to replay); the last record."""
+    logger, ctx = setup.logger, setup.ctx
     kill_after = int(os.environ.get(KILL_ENV, "0"))
     steps_run = 0
     guard = FiniteGuard()
@@ -199,6 +261,11 @@ def fit(run, loader, setup, epochs, print_every=0):
                 checkpoints.save(run, loader, done, label, dict(batches.state(step + 1), meter=meter.state_dict()))
             if kill_after and steps_run == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+            signum = stop.requested(step)
+            if signum and step + 1 < total:
+                _stop_if_non_finite(guard, checkpoints, label, ctx)
+                checkpoints.save(run, loader, done, label, dict(batches.state(step + 1), meter=meter.state_dict()))
+                raise checkpoints.stopped(signum, f"epoch {label} after step {step + 1}")
         _stop_if_non_finite(guard, checkpoints, label, ctx)
         train_time = timer.elapsed()
         meter.all_reduce(ctx)
@@ -210,7 +277,9 @@ def fit(run, loader, setup, epochs, print_every=0):
         done += 1
         checkpoints.save(run, loader, done, label)
         logger.log_epoch(record)
-    logger.finish(run.summary(record))
+        signum = stop.requested()
+        if signum and epoch != epochs[-1]:
+            raise checkpoints.stopped(signum, f"the end of epoch {label}")
     return record
 
 

@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from common.distributed import all_reduce_sum
+
 
 class Meter:
     def __init__(self):
@@ -65,10 +67,9 @@ class Meter:
         """Sum the meter over the processes of a distributed run (every process must hold the same names)."""
         if not getattr(ctx, "distributed", False) or self.sums is None:
             return self
-        import torch.distributed as dist
         packed = torch.cat([self.sums.reshape(-1), torch.tensor(self.samples + self.batches, dtype=torch.float64,
                                                                  device=self.sums.device)])
-        dist.all_reduce(packed)
+        all_reduce_sum(packed, ctx)
         k = len(self.names)
         self.sums = packed[: 2 * k].reshape(2, k)
         self.samples = [int(v) for v in packed[2 * k: 3 * k].tolist()]

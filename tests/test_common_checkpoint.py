@@ -1,6 +1,7 @@
 """Checkpoints and the epoch driver, through tests/tiny_train.py (a script on the same spine as every paper's)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -148,3 +149,38 @@ def test_finite_guard_keeps_the_first_bad_step_on_the_device():
     ok = FiniteGuard()
     ok.update(torch.tensor(1.0), 0)
     assert ok.failed_step() is None
+
+
+def test_a_stop_signal_saves_the_step_reached_and_resume_continues_bit_identically(synthetic_root, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """SIGTERM (SLURM pre-emption, `kill`) arrives during the 27th step (epoch 2, step 8 of 19): the run saves that
+    step, says so and stops (exit status 128 + 15); --resume from it ends as the uninterrupted run."""
+    monkeypatch.syspath_prepend(os.path.dirname(TINY))
+    import tiny_train
+    from common.cli import run_main
+
+    def argv(run_dir, *extra):
+        return ["--data-root", str(synthetic_root), "--run-dir", str(run_dir), "--epochs", "2", "--quiet", *extra]
+
+    run_main(tiny_train.main, argv(tmp_path / "straight"))
+    step, handler = tiny_train.TinyRun.train_step, signal.getsignal(signal.SIGTERM)
+
+    def signalled_step(self, *args):
+        out = step(self, *args)
+        if self.steps == 27:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tiny_train.TinyRun, "train_step", signalled_step)
+        with pytest.raises(SystemExit) as stopped:
+            run_main(tiny_train.main, argv(tmp_path / "stopped"))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at epoch 2 after step 8" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is handler  # fit's handler is there only while it runs
+    state = load_checkpoint(os.path.join(tmp_path, "stopped", "checkpoint.pt"))
+    assert state["epochs_done"] == 1 and state["epoch_state"]["step"] == 8
+    assert not os.path.exists(tmp_path / "stopped" / "finished")
+    run_main(tiny_train.main, argv(tmp_path / "stopped", "--resume"))
+    _assert_identical(_weights(tmp_path / "straight"), _weights(tmp_path / "stopped"))
+    assert _log_without_times(tmp_path / "straight") == _log_without_times(tmp_path / "stopped")
