@@ -38,3 +38,15 @@ def test_gpu_check_tiny_measures_every_case_both_ways_and_learns(tmp_path):
         assert result["epochs"] == 1 and 0 <= result["test_top1"] <= 100
     table = (out / "gpu_check.md").read_text()
     assert table.startswith("# GPU check: ") and "| mcl | L-MCL | resnet32 | 4 |" in table and "meta " in table
+
+
+def test_gpu_check_reports_the_cases_a_spent_budget_skipped(tmp_path):
+    out = tmp_path / "check"
+    proc = subprocess.run(["bash", os.path.join(REPO, "reproduce.sh"), "gpu-check", "--device", "cpu", "--tiny",
+                           "--budget", "0", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, DATA_ROOT=str(tmp_path / "no-data")))
+    assert proc.returncode == 0, proc.stderr[-3000:]  # skipped is not failed
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert len(report["throughput"]) == 5
+    assert all(r["faithful"] is None and r["faithful_error"].startswith("skipped") for r in report["throughput"])
+    assert (out / "gpu_check.md").read_text().count("skipped: the --budget of 0 s was spent") == 5
