@@ -5,13 +5,16 @@
                            [--no-e2e] [--json out.json]
     python -m common.bench --compare A.json B.json
 
-Each subproject declares its cases in `<paper>/bench.py` as `CASES`: a list of `BenchCase`s whose `build(device,
-args)` returns a `Built`: `step(x, y)` runs one full training iteration of the method (forward of every network,
-every loss term, backward, optimizer step), `deployed` is the network that would be deployed, `models` every trained
-module (for the parameter count). Measured per case: training-step images/s on in-memory batches (median over
---steps after --warmup), evaluation images/s of the deployed network, peak memory (CUDA max allocated, or the
-process's peak RSS on the CPU), forward FLOPs per image of the deployed network (torch's FLOP counter) and the
-achieved training FLOP rate (3x forward FLOPs of all trained networks as an estimate of forward+backward).
+Each subproject declares its cases in `<paper>/bench.py` as `CASES`: a list of `BenchCase`s whose `build(fast,
+batch)` returns a `Built` (from the training script's own Run, on the Fast value's device and options): `step(x, y)`
+runs one full training iteration of the method (forward of every network, every loss term, backward, optimizer
+step), `deployed` is the network that would be deployed, `models` every trained module (for the parameter count),
+`extra_steps` other steps of the method ({"meta": ...}: L-MCL's meta iteration), timed as multiples of `step`.
+Measured per case: training-step images/s on in-memory batches (median over --steps after --warmup), evaluation
+images/s of the deployed network, peak memory (CUDA max allocated, or the process's peak RSS on the CPU), minor page
+faults and allocated MB per training step (the operator outputs that need new memory), forward FLOPs per image of
+the deployed network (torch's FLOP counter) and the achieved training FLOP rate (3x forward FLOPs of all trained
+networks as an estimate of forward+backward).
 
 End-to-end throughput ("e2e img/s") feeds the same step from the training script's own train loader (its dataset
 class, transforms, sampler, workers and pin_memory, or the device-resident loader with --data-on-device): images/s

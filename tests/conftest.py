@@ -14,6 +14,7 @@ import os
 import pathlib
 
 import pytest
+import torch
 
 from common.parity import ENV_VAR, fingerprint_files, fixture_files, fixtures_root
 from common.synthetic import write_cifar, write_imagefolder
@@ -99,3 +100,12 @@ def synthetic_root(tmp_path_factory):
     write_cifar(root, "cifar100")
     write_imagefolder(os.path.join(root, "imagenet"))
     return root
+
+
+def assert_same_training_with_less_memory(in_place, out_of_place):
+    """IN_PLACE and OUT_OF_PLACE are (state dict after the steps, logged values, MB allocated by the last step) of
+    the same steps with and without in-place activations: the same bits, less memory asked for."""
+    (new_state, new_logged, new_mb), (old_state, old_logged, old_mb) = in_place, out_of_place
+    assert new_state.keys() == old_state.keys() and all(torch.equal(new_state[k], old_state[k]) for k in new_state)
+    assert new_logged == old_logged
+    assert new_mb < old_mb, (new_mb, old_mb)

@@ -17,6 +17,7 @@ from common.logging import read_log
 from common.loop import KILL_ENV
 from common.meters import Meter
 from common.options import RunFolderError, detached_setup
+from conftest import assert_same_training_with_less_memory
 from ffsd import bench, published
 from ffsd.models import resnet, wideresnet
 from ffsd.options import device_of, get_args_parser
@@ -225,9 +226,7 @@ def test_in_place_activations_change_no_bit_and_allocate_less(model, monkeypatch
     with monkeypatch.context() as patch:
         out_of_place(patch)
         old = trained()
-    assert new[0].keys() == old[0].keys() and all(torch.equal(new[0][k], old[0][k]) for k in new[0])
-    assert new[1] == old[1]
-    assert new[2] < old[2], (new[2], old[2])
+    assert_same_training_with_less_memory(new, old)
 
 
 def test_every_table_row_names_its_bench_case_and_every_smoke_run_its_rows():

@@ -17,6 +17,7 @@ from common.logging import read_log
 from common.loop import KILL_ENV
 from common.meters import Meter
 from common.options import RunFolderError, detached_setup
+from conftest import assert_same_training_with_less_memory
 from okddip import bench, engine, published, train, train_GL
 from okddip.engine import RecipeRun
 from okddip.models import resnet
@@ -189,9 +190,7 @@ def test_in_place_residual_add_changes_no_bit_and_allocates_less(arch, script, f
         return method.model.state_dict(), meter.per_batch(), mb
 
     new, old = trained(False), trained(True)
-    assert new[0].keys() == old[0].keys() and all(torch.equal(new[0][k], old[0][k]) for k in new[0])
-    assert new[1] == old[1]
-    assert new[2] < old[2], (new[2], old[2])
+    assert_same_training_with_less_memory(new, old)
 
 
 def test_every_table_row_names_its_bench_case_and_every_smoke_run_its_rows():
