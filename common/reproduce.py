@@ -132,6 +132,9 @@ TRAIN_IMAGES = {"cifar": 50_000, "imagenet": 1_281_167}
 # training on large networks (3x the forward FLOPs per image) and no more than about 10,000 CIFAR images/s on small
 # ones, whatever their FLOPs (loader and launch bound). A rough model, for an order of magnitude before starting.
 REFERENCE_TFLOPS, REFERENCE_MAX_IMAGES_PER_S = 10.0, 10_000.0
+# forward_flops_per_image of every bench case a table row names, counted once (tests/test_common_reproduce.py checks
+# that it covers every row and recounts a few); a case missing from it is counted and cached under the runs folder
+FORWARD_FLOPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forward_flops.json")
 
 
 def flag_value(argv, flags, default):
@@ -156,6 +159,8 @@ def throughput(jobs, measured, cache_path):
     found = {}
     for row in measured:
         found[(row["paper"], row["method"], row["arch"])] = row.get("e2e_images_per_s") or row["train_images_per_s"]
+    with open(FORWARD_FLOPS) as f:
+        known = json.load(f)
     cache = {}
     if os.path.exists(cache_path):
         with open(cache_path) as f:
@@ -172,11 +177,9 @@ def throughput(jobs, measured, cache_path):
         if key not in cases:
             continue
         name = "|".join(key)
-        if name not in cache:  # forward FLOPs of every trained network per image, counted once on the CPU
-            built = bench._build(cases[key], bench.Fast(), bench_args_for_flops())
-            x = torch_randn(built.input_size)
-            cache[name] = sum(bench.forward_flops(m, x) for m in (built.models or [built.deployed]))
-        flops = 3 * cache[name]
+        if name not in known and name not in cache:
+            cache[name] = forward_flops_per_image(cases[key])
+        flops = 3 * known.get(name, cache.get(name))
         rates[key] = (min(REFERENCE_TFLOPS * 1e12 / flops, REFERENCE_MAX_IMAGES_PER_S), "reference")
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
     with open(cache_path, "w") as f:
@@ -184,14 +187,13 @@ def throughput(jobs, measured, cache_path):
     return rates
 
 
-def bench_args_for_flops():
-    return argparse.Namespace(batch=2, amp="none", channels_last=False, compile=False, data_on_device=False,
-                              device="cpu", fast=False, workers=0)
-
-
-def torch_randn(size):
+def forward_flops_per_image(case):
+    """Forward FLOPs per image of every network the case trains (torch's FLOP counter, on the CPU)."""
     import torch
-    return torch.randn(2, 3, size, size)
+    from common import bench
+    built = case.build(fast=bench.Fast(), batch=2)
+    x = torch.randn(2, 3, built.input_size, built.input_size)
+    return sum(bench.forward_flops(m, x) for m in (built.models or [built.deployed]))
 
 
 def plan(jobs, seeds_note, measured, cache_path):
@@ -224,6 +226,9 @@ def plan(jobs, seeds_note, measured, cache_path):
 # ------------------------------------------------------------------------------------------- execution ----
 def _run_script(cwd, argv, env, log_path):
     """In a process forked from the server: run ARGV[0] as `python ARGV...` would, in CWD."""
+    # The fork inherits the server's signal wake-up pipe: a signal caught here (the run's SIGTERM handler, in its
+    # loader workers too) would be written into the server's pipe and break its bookkeeping of exit statuses.
+    signal.set_wakeup_fd(-1)
     os.chdir(cwd)
     os.environ.update(env)
     if log_path:

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from common import reproduce
+from common.bench import all_cases
 from common.loop import KILL_ENV
 from common.results import Row, Table, all_smoke_runs, all_tables
 
@@ -28,6 +29,18 @@ def test_list_prints_every_table_with_its_distinct_runs():
     for table in all_tables():
         assert table.id in out.stdout and table.title in out.stdout
     assert "distinct runs" in out.stdout
+
+
+def test_the_stored_forward_flops_cover_every_row_and_recount_the_same():
+    """The plan's FLOP counts (common/forward_flops.json) name every bench case a table row names, and two of them,
+    counted again by the code that wrote them, agree (a changed network must update the file)."""
+    with open(reproduce.FORWARD_FLOPS) as f:
+        known = json.load(f)
+    named = {"|".join((r.workdir, *r.bench)) for t in all_tables() for r in t.rows}
+    assert named <= set(known), sorted(named - set(known))
+    cases = {"|".join((c.paper, c.method, c.arch)): c for c in all_cases()}
+    for name in ("okddip|okddip|resnet32", "mcl|L-MCL|resnet32"):
+        assert reproduce.forward_flops_per_image(cases[name]) == known[name]
 
 
 def test_unknown_table_lists_valid_ids():
