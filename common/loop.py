@@ -215,71 +215,62 @@ def fit(run, loader, setup, epochs, print_every=0):
         logger.print(f"resumed {setup.run_dir} after {done} epoch(s)"
                      + (f" and {epoch_state['step']} step(s)" if epoch_state else ""))
     with _StopRequest(ctx) as stop:
-        record = _train_epochs(run, loader, setup, epochs, done, state, epoch_state, checkpoints, stop, print_every)
+        kill_after = int(os.environ.get(KILL_ENV, "0"))
+        steps_run = 0
+        guard = FiniteGuard()
+        record = {}
+        for epoch in epochs[done:]:
+            label = run.epoch_label(epoch)
+            run.on_epoch_start(epoch)
+            meter = Meter()
+            if epoch_state is not None:  # half-done epoch: its state goes over what on_epoch_start set up
+                run.load_state_dict(state["run"])
+                meter.load_state_dict(epoch_state["meter"], setup.device)
+                checkpoints.latest = f"epoch {label} after step {epoch_state['step']}"
+            sampler = getattr(loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            timer = Timer()
+            total = min(len(loader), setup.steps_per_epoch) if setup.steps_per_epoch else len(loader)
+            batches = ResumableEpoch(loader, resume=epoch_state)
+            epoch_state = None
+            progress = logger.progress(batches, desc=f"epoch {label}/{run.epoch_label(epochs[-1])}", total=total)
+            for step, (x, y) in progress:
+                if step >= total:
+                    break
+                x, y = setup.fast.inputs(x, y)
+                values = run.train_step(step, x, y)
+                guard.update(values["loss"], step)
+                meter.update(values, x.size(0))
+                steps_run += 1
+                if print_every and (step + 1) % print_every == 0:
+                    _stop_if_non_finite(guard, checkpoints, label, ctx)
+                    run.on_print(epoch, step, meter)
+                    if hasattr(progress, "set_postfix"):
+                        progress.set_postfix(loss=f"{float(values['loss']):.4f}")
+                signum = stop.requested(step) if step + 1 < total else None
+                if signum or setup.save_every_steps and (step + 1) % setup.save_every_steps == 0 and step + 1 < total:
+                    _stop_if_non_finite(guard, checkpoints, label, ctx)
+                    checkpoints.save(run, loader, done, label, dict(batches.state(step + 1), meter=meter.state_dict()))
+                if kill_after and steps_run == kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if signum:
+                    raise checkpoints.stopped(signum, f"epoch {label} after step {step + 1}")
+            _stop_if_non_finite(guard, checkpoints, label, ctx)
+            train_time = timer.elapsed()
+            meter.all_reduce(ctx)
+            record = {"epoch": label, **run.train_record(meter)}
+            record.update(run.evaluate(epoch))
+            record.update(epoch_time=timer.elapsed(), train_time=train_time,
+                          images_per_s=meter.count / max(train_time, 1e-9))
+            run.on_epoch_end(epoch, record)
+            done += 1
+            checkpoints.save(run, loader, done, label)
+            logger.log_epoch(record)
+            signum = stop.requested()
+            if signum and epoch != epochs[-1]:
+                raise checkpoints.stopped(signum, f"the end of epoch {label}")
     logger.finish(run.summary(record))
-    return record
-
-
-def _train_epochs(run, loader, setup, epochs, done, state, epoch_state, checkpoints, stop, print_every):
-    """The epochs after the DONE completed ones (EPOCH_STATE: the half-done one to replay); the last record."""
-    logger, ctx = setup.logger, setup.ctx
-    kill_after = int(os.environ.get(KILL_ENV, "0"))
-    steps_run = 0
-    guard = FiniteGuard()
-    record = {}
-    for epoch in epochs[done:]:
-        label = run.epoch_label(epoch)
-        run.on_epoch_start(epoch)
-        meter = Meter()
-        if epoch_state is not None:  # half-done epoch: its state goes over what on_epoch_start set up
-            run.load_state_dict(state["run"])
-            meter.load_state_dict(epoch_state["meter"], setup.device)
-            checkpoints.latest = f"epoch {label} after step {epoch_state['step']}"
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        timer = Timer()
-        total = min(len(loader), setup.steps_per_epoch) if setup.steps_per_epoch else len(loader)
-        batches = ResumableEpoch(loader, resume=epoch_state)
-        epoch_state = None
-        progress = logger.progress(batches, desc=f"epoch {label}/{run.epoch_label(epochs[-1])}", total=total)
-        for step, (x, y) in progress:
-            if step >= total:
-                break
-            x, y = setup.fast.inputs(x, y)
-            values = run.train_step(step, x, y)
-            guard.update(values["loss"], step)
-            meter.update(values, x.size(0))
-            steps_run += 1
-            if print_every and (step + 1) % print_every == 0:
-                _stop_if_non_finite(guard, checkpoints, label, ctx)
-                run.on_print(epoch, step, meter)
-                if hasattr(progress, "set_postfix"):
-                    progress.set_postfix(loss=f"{float(values['loss']):.4f}")
-            if setup.save_every_steps and (step + 1) % setup.save_every_steps == 0 and step + 1 < total:
-                _stop_if_non_finite(guard, checkpoints, label, ctx)
-                checkpoints.save(run, loader, done, label, dict(batches.state(step + 1), meter=meter.state_dict()))
-            if kill_after and steps_run == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            signum = stop.requested(step)
-            if signum and step + 1 < total:
-                _stop_if_non_finite(guard, checkpoints, label, ctx)
-                checkpoints.save(run, loader, done, label, dict(batches.state(step + 1), meter=meter.state_dict()))
-                raise checkpoints.stopped(signum, f"epoch {label} after step {step + 1}")
-        _stop_if_non_finite(guard, checkpoints, label, ctx)
-        train_time = timer.elapsed()
-        meter.all_reduce(ctx)
-        record = {"epoch": label, **run.train_record(meter)}
-        record.update(run.evaluate(epoch))
-        record.update(epoch_time=timer.elapsed(), train_time=train_time,
-                      images_per_s=meter.count / max(train_time, 1e-9))
-        run.on_epoch_end(epoch, record)
-        done += 1
-        checkpoints.save(run, loader, done, label)
-        logger.log_epoch(record)
-        signum = stop.requested()
-        if signum and epoch != epochs[-1]:
-            raise checkpoints.stopped(signum, f"the end of epoch {label}")
     return record
 
 
