@@ -9,7 +9,9 @@ Each subproject declares its cases in `<paper>/bench.py` as `CASES`: a list of `
 batch)` returns a `Built` (from the training script's own Run, on the Fast value's device and options): `step(x, y)`
 runs one full training iteration of the method (forward of every network, every loss term, backward, optimizer
 step), `deployed` is the network that would be deployed, `models` every trained module (for the parameter count),
-`extra_steps` other steps of the method ({"meta": ...}: L-MCL's meta iteration), timed as multiples of `step`.
+`extra_steps` other steps of the method ({"meta": ...}: L-MCL's meta iteration), timed as multiples of `step`; on the
+CPU, an extra step's named phases (profiler ranges "phase: ...") are reported too, each as its share of that multiple
+with its convolutions, convolution backwards and batch norms beside the ordinary step's (`step_phases`).
 Measured per case: training-step images/s on in-memory batches (median over --steps after --warmup), evaluation
 images/s of the deployed network, peak memory (CUDA max allocated, or the process's peak RSS on the CPU), minor page
 faults and allocated MB per training step (the operator outputs that need new memory), forward FLOPs per image of
@@ -91,6 +93,46 @@ class _AllocationCounter(TorchDispatchMode):
             if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:
                 self.bytes += t.untyped_storage().nbytes()
         return out
+
+
+PHASE = "phase: "  # the prefix of the profiler ranges (torch.profiler.record_function) a step names its phases by
+# the operators a phase is counted in: a pass of a network is one call of each of its convolutions and batch norms
+COUNTED = ("aten::convolution", "aten::convolution_backward", "aten::batch_norm")
+
+
+def _profiled_events(fn):
+    """(name, start ns, end ns) of every operator and range of one call of FN on the CPU, by start. Read from the
+    profiler's raw results: building its Python events for the 300 thousand operator calls of a meta step takes
+    longer than the step."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.profiler.kineto_results.events()
+    return sorted(((e.name(), e.start_ns(), e.start_ns() + e.duration_ns()) for e in events), key=lambda e: e[1])
+
+
+def operator_calls(fn):
+    """The calls of each COUNTED operator in one call of FN."""
+    names = [name for name, _, _ in _profiled_events(fn)]
+    return [names.count(op) for op in COUNTED]
+
+
+def phases(fn, ratio):
+    """Where one call of FN (an extra step, RATIO ordinary steps long) goes: {range name: [its share of RATIO, then
+    the calls of each COUNTED operator inside it]} for every range named PHASE... in FN, in the order they first ran
+    (ranges of one name summed). The shares come from one profiled call (the profiler's own cost per operator spread
+    over the whole call); what FN does outside the ranges is its rest."""
+    events = _profiled_events(fn)
+    whole = max(end for _, _, end in events) - min(start for _, start, _ in events)
+    found = {}
+    for name, start, end in events:
+        if name.startswith(PHASE):
+            inside = [n for n, s, e in events if start <= s and e <= end]
+            row = found.setdefault(name[len(PHASE):], [0.0] + [0] * len(COUNTED))
+            row[0] += ratio * (end - start) / whole
+            for i, op in enumerate(COUNTED, 1):
+                row[i] += inside.count(op)
+    return found
 
 
 def allocated_mb(fn):
@@ -198,10 +240,14 @@ def measure(case, args):
     step_s = _timed(lambda: built.step(x, y), args.steps, device)
     faults_per_step = (minor_faults() - faults) / args.steps
     alloc_mb = None if fast.compile else allocated_mb(lambda: built.step(x, y))  # compiled code is not dispatched
-    ratios = {}
+    ratios, step_phases = {}, {}
     for name, fn in built.extra_steps.items():
         fn(x, y)  # warm-up
         ratios[name] = _timed(lambda: fn(x, y), max(1, args.steps // 5), device) / step_s
+        if device.type == "cpu":  # where an extra step's time goes, by its named phases
+            step_phases[name] = phases(lambda: fn(x, y), ratios[name])
+    if step_phases:
+        step_phases["ordinary step"] = operator_calls(lambda: built.step(x, y))
     built.deployed.eval()
 
     def evaluate():
@@ -221,6 +267,7 @@ def measure(case, args):
             "e2e_images_per_s": e2e, "workers": args.workers,
             "eval_images_per_s": args.batch / eval_s, "peak_memory_mb": peak_mb,
             "minor_faults_per_step": faults_per_step, "allocated_mb_per_step": alloc_mb, "step_ratios": ratios,
+            "step_phases": step_phases,
             "deployed_gflops_per_image": flops / 1e9,
             "train_tflops_per_s": 3 * trained_flops * args.batch / step_s / 1e12,
             "parameters": sum(p.numel() for m in (built.models or [built.deployed]) for p in m.parameters()),
@@ -247,6 +294,24 @@ def print_table(rows):
         print(f"{r['paper']:7s} {r['method']:16s} {r['arch']:22s} {r['train_images_per_s']:11.1f} {e2e} "
               f"{r['eval_images_per_s']:10.1f} {r['peak_memory_mb']:9.0f} {r.get('minor_faults_per_step', 0):11.0f} "
               f"{_mb(r):13.1f} {r['deployed_gflops_per_image']:9.3f} {r['train_tflops_per_s']:8.3f}  {_ratios(r)}")
+    for r in rows:
+        print_phases(r)
+
+
+def print_phases(r):
+    """The named phases of a row's extra steps: each one's time as a multiple of the ordinary step, and its calls of
+    the COUNTED operators beside the ordinary step's."""
+    found = dict(r.get("step_phases") or {})
+    ordinary = found.pop("ordinary step", None)
+    for name, rows in found.items():
+        print(f"\n{r['paper']} {r['method']} {r['arch']}: the {name} iteration, {r['step_ratios'][name]:.1f} ordinary "
+              f"steps")
+        print(f"  {'phase':58s} {'x step':>7s} " + " ".join(f"{op[6:]:>18s}" for op in COUNTED))
+        print(f"  {'(the ordinary step)':58s} {1:7.2f} " + " ".join(f"{n:18d}" for n in ordinary))
+        for label, (ratio, *calls) in rows.items():
+            print(f"  {label:58s} {ratio:7.2f} " + " ".join(f"{n:18d}" for n in calls))
+        rest = r["step_ratios"][name] - sum(v[0] for v in rows.values())
+        print(f"  {'rest (the ordinary step, updates, copies)':58s} {rest:7.2f}")
 
 
 def markdown_table(rows):

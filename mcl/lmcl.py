@@ -11,6 +11,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.profiler import record_function
 
 from common.fast import at_least_fp32
 from mcl.losses import distill_kl, mcl_loss, stage_ce_sum
@@ -76,7 +77,9 @@ class MetaStep:
     reverse sweep has taken its Hessian-vector product H_s v from it and is freed then. The authors' sweep instead
     re-evaluates L_s at theta_s and differentiates it again; the values are the same, the work is not (their meta
     iteration costs about 17 ordinary steps). theta_0 and phi are views of the real parameters (nothing is copied);
-    theta_1 .. theta_3 are the new tensors of the virtual steps.
+    theta_1 .. theta_3 are the new tensors of the virtual steps. Each phase is a named profiler range ("phase: ..."),
+    which `python -m common.bench` reports as its share of the meta iteration (about 13 ordinary steps here; the
+    table is in mcl/README.md, Performance).
     """
 
     def __init__(self, pair, embed_heads, weight_net, args, exact=False):
@@ -141,8 +144,9 @@ class MetaStep:
         theta = [p.detach().requires_grad_(True) for p in self._theta()]
         steps, buf = [], None  # steps[s] = (theta_s, dL_s/dtheta_s with its graph)
         for s in range(times + 1):
-            loss = self._objective(s, theta, phi, real_buffers if update_bn and s == 0 else copies, x, y)
-            grads = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
+            with record_function(f"phase: L_{s} and its gradient at theta_{s} (graph kept)"):
+                loss = self._objective(s, theta, phi, real_buffers if update_bn and s == 0 else copies, x, y)
+                grads = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
             steps.append((theta, grads))
             with torch.no_grad():
                 # a parameter L_s does not reach (the classifiers in the MCL steps) still decays and keeps momentum
@@ -150,9 +154,10 @@ class MetaStep:
                 buf = d if buf is None else [m * b + e for b, e in zip(buf, d)]
                 theta = [(t - lr * b).requires_grad_(True) for t, b in zip(theta, buf)]
 
-        outer = self._ce(theta, copies, x, y)
-        alpha0 = [torch.zeros_like(t) if g is None else g
-                  for t, g in zip(theta, torch.autograd.grad(outer, theta, allow_unused=True))]
+        with record_function(f"phase: meta objective and its gradient at theta_{times + 1}"):
+            outer = self._ce(theta, copies, x, y)
+            alpha0 = [torch.zeros_like(t) if g is None else g
+                      for t, g in zip(theta, torch.autograd.grad(outer, theta, allow_unused=True))]
         alpha1 = [torch.zeros_like(a) for a in alpha0]
         hyper = [torch.zeros_like(p) for p in phi]
         coefficient = wd if self.exact else 1.0
@@ -164,8 +169,10 @@ class MetaStep:
             live = [(g, vi) for g, vi in zip(grads, v) if g is not None and g.requires_grad]
             wrt_theta = theta_s if s > 0 else []
             inputs = wrt_theta + (phi if s < times else [])
-            second = torch.autograd.grad([g for g, _ in live], inputs, grad_outputs=[vi for _, vi in live],
-                                         allow_unused=True) if live else [None] * len(inputs)
+            label = " and ".join(([f"H_{s} v"] if s > 0 else []) + ([f"d<g_{s}, v>/dphi"] if s < times else []))
+            with record_function(f"phase: {label} (second order, at theta_{s})"):
+                second = torch.autograd.grad([g for g, _ in live], inputs, grad_outputs=[vi for _, vi in live],
+                                             allow_unused=True) if live else [None] * len(inputs)
             for h, g in zip(hyper, second[len(wrt_theta):]):
                 if g is not None:
                     h += g

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.bench import all_cases, allocated_mb, compare_files, forward_flops, markdown_table
+from common.bench import all_cases, allocated_mb, compare_files, forward_flops, markdown_table, operator_calls, phases
 from common.fast import DeviceCifarLoader, Fast
 from common.options import loader_workers
 
@@ -110,3 +110,25 @@ def test_markdown_escapes_pairs_and_marks_missing_end_to_end():
     row["arch"] = "wrn|mobilenet"
     table = markdown_table([row])
     assert "| p | m | wrn\\|mobilenet | 8 | 1.0 | - |" in table
+
+
+def test_meta_phases_recompute_no_pass_and_account_for_every_operator():
+    """The L-MCL meta iteration's named phases (common.bench.phases), in the released order: each virtual step and
+    the meta objective is one pass of the pair (an ordinary step's convolutions, their backwards and batch norms); the
+    second-order phases run no network forward (no batch norm: the authors' sweep re-evaluates L_s there); outside
+    the phases runs exactly one ordinary step."""
+    case = next(c for c in all_cases() if (c.paper, c.method, c.arch) == ("mcl", "L-MCL", "resnet32"))
+    built = case.build(fast=Fast(torch.device("cpu")), batch=8)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 100, (8,))
+    meta = built.extra_steps["meta"]
+    ordinary = operator_calls(lambda: built.step(x, y))
+    found = phases(lambda: meta(x, y), ratio=1.0)
+    assert list(found) == [f"L_{s} and its gradient at theta_{s} (graph kept)" for s in range(3)] + [
+        "meta objective and its gradient at theta_3", "H_2 v (second order, at theta_2)",
+        "H_1 v and d<g_1, v>/dphi (second order, at theta_1)", "d<g_0, v>/dphi (second order, at theta_0)"]
+    passes = [calls for _, *calls in found.values()]
+    assert all(calls == ordinary for calls in passes[:4])
+    assert all(batch_norms == 0 for *_, batch_norms in passes[4:])
+    whole = operator_calls(lambda: meta(x, y))
+    assert [n - sum(calls[i] for calls in passes) for i, n in enumerate(whole)] == ordinary
+    assert 0 < sum(share for share, *_ in found.values()) <= 1  # shares of the one call's time
