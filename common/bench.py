@@ -11,7 +11,8 @@ runs one full training iteration of the method (forward of every network, every 
 step), `deployed` is the network that would be deployed, `models` every trained module (for the parameter count),
 `extra_steps` other steps of the method ({"meta": ...}: L-MCL's meta iteration), timed as multiples of `step`; on the
 CPU, an extra step's named phases (profiler ranges "phase: ...") are reported too, each as its share of that multiple
-with its convolutions, convolution backwards and batch norms beside the ordinary step's (`step_phases`).
+with its convolutions, convolution backwards and batch norms (`step_phases`) beside the ordinary step's
+(`ordinary_step_calls`).
 Measured per case: training-step images/s on in-memory batches (median over --steps after --warmup), evaluation
 images/s of the deployed network, peak memory (CUDA max allocated, or the process's peak RSS on the CPU), minor page
 faults and allocated MB per training step (the operator outputs that need new memory), forward FLOPs per image of
@@ -246,8 +247,7 @@ def measure(case, args):
         ratios[name] = _timed(lambda: fn(x, y), max(1, args.steps // 5), device) / step_s
         if device.type == "cpu":  # where an extra step's time goes, by its named phases
             step_phases[name] = phases(lambda: fn(x, y), ratios[name])
-    if step_phases:
-        step_phases["ordinary step"] = operator_calls(lambda: built.step(x, y))
+    ordinary_calls = operator_calls(lambda: built.step(x, y)) if step_phases else None
     built.deployed.eval()
 
     def evaluate():
@@ -267,7 +267,7 @@ def measure(case, args):
             "e2e_images_per_s": e2e, "workers": args.workers,
             "eval_images_per_s": args.batch / eval_s, "peak_memory_mb": peak_mb,
             "minor_faults_per_step": faults_per_step, "allocated_mb_per_step": alloc_mb, "step_ratios": ratios,
-            "step_phases": step_phases,
+            "step_phases": step_phases, "ordinary_step_calls": ordinary_calls,
             "deployed_gflops_per_image": flops / 1e9,
             "train_tflops_per_s": 3 * trained_flops * args.batch / step_s / 1e12,
             "parameters": sum(p.numel() for m in (built.models or [built.deployed]) for p in m.parameters()),
@@ -301,13 +301,11 @@ def print_table(rows):
 def print_phases(r):
     """The named phases of a row's extra steps: each one's time as a multiple of the ordinary step, and its calls of
     the COUNTED operators beside the ordinary step's."""
-    found = dict(r.get("step_phases") or {})
-    ordinary = found.pop("ordinary step", None)
-    for name, rows in found.items():
+    for name, rows in (r.get("step_phases") or {}).items():
         print(f"\n{r['paper']} {r['method']} {r['arch']}: the {name} iteration, {r['step_ratios'][name]:.1f} ordinary "
               f"steps")
         print(f"  {'phase':58s} {'x step':>7s} " + " ".join(f"{op[6:]:>18s}" for op in COUNTED))
-        print(f"  {'(the ordinary step)':58s} {1:7.2f} " + " ".join(f"{n:18d}" for n in ordinary))
+        print(f"  {'(the ordinary step)':58s} {1:7.2f} " + " ".join(f"{n:18d}" for n in r["ordinary_step_calls"]))
         for label, (ratio, *calls) in rows.items():
             print(f"  {label:58s} {ratio:7.2f} " + " ".join(f"{n:18d}" for n in calls))
         rest = r["step_ratios"][name] - sum(v[0] for v in rows.values())

@@ -76,15 +76,17 @@ class MetaStep:
     Cost: each virtual step's gradient is taken with its graph (create_graph), and that graph is kept until the
     reverse sweep has taken its Hessian-vector product H_s v from it and is freed then. The authors' sweep instead
     re-evaluates L_s at theta_s and differentiates it again; the values are the same, the work is not (their meta
-    iteration costs about 17 ordinary steps). theta_0 and phi are views of the real parameters (nothing is copied);
-    theta_1 .. theta_3 are the new tensors of the virtual steps. Each phase is a named profiler range ("phase: ..."),
-    which `python -m common.bench` reports as its share of the meta iteration (about 13 ordinary steps here; the
-    table is in mcl/README.md, Performance).
+    iteration costs about 17 ordinary steps). RECOMPUTE=True (`--meta-recompute`) does as theirs: no graph is kept
+    in the virtual steps, the sweep rebuilds each one, so about one graph is alive at a time (the kept graphs take
+    several times an ordinary step's memory, which an ImageNet pair may not have on its GPU). theta_0 and phi are
+    views of the real parameters (nothing is copied); theta_1 .. theta_3 are the new tensors of the virtual steps.
+    Each phase is a named profiler range ("phase: ..."), which `python -m common.bench` reports as its share of the
+    meta iteration (about 13 ordinary steps here; the table is in mcl/README.md, Performance).
     """
 
-    def __init__(self, pair, embed_heads, weight_net, args, exact=False):
+    def __init__(self, pair, embed_heads, weight_net, args, exact=False, recompute=False):
         self.pair, self.embed_heads, self.weight_net = pair, embed_heads, weight_net
-        self.args, self.exact = args, exact
+        self.args, self.exact, self.recompute = args, exact, recompute
         self.momentum, self.weight_decay = 0.9, args.weight_decay
         # objective values of the last hypergradient, detached tensors (no host sync per meta step):
         # "inner": the weighted L_MCL terms at theta_0 .. theta_{times-1}; "outer": the head CEs at theta_times
@@ -118,17 +120,16 @@ class MetaStep:
         return hyper
 
     def _ce(self, theta, buffers, x, y):
-        loss = stage_ce_sum(self._forward(theta, buffers, x)[1], y)
-        self.record["outer"].append(loss.detach())
-        return loss
+        return stage_ce_sum(self._forward(theta, buffers, x)[1], y)
 
     def _objective(self, s, theta, phi, buffers, x, y):
-        """L_s: weighted L_MCL for the first `times` steps, head-CE sum for the last one."""
+        """L_s (weighted L_MCL for the first `times` steps, head-CE sum for the last one) and what the record keeps
+        of it (its detached terms)."""
         if s < self.args.times:
             out = self._mcl(theta, phi, buffers, x, y)
-            self.record["inner"].append({k: v.detach() for k, v in out.items() if k != "mcl_breakdown"})
-            return out["loss_mcl"]
-        return self._ce(theta, buffers, x, y)
+            return out["loss_mcl"], {k: v.detach() for k, v in out.items() if k != "mcl_breakdown"}
+        loss = self._ce(theta, buffers, x, y)
+        return loss, loss.detach()
 
     def hypergradient(self, x, y, lr, update_bn=False):
         """The weight-net gradient G (dict name -> tensor) of the meta objective at the current parameters.
@@ -142,12 +143,15 @@ class MetaStep:
         m, wd, times = self.momentum, self.weight_decay, self.args.times
 
         theta = [p.detach().requires_grad_(True) for p in self._theta()]
-        steps, buf = [], None  # steps[s] = (theta_s, dL_s/dtheta_s with its graph)
+        keep = not self.recompute
+        steps, buf = [], None  # steps[s] = (theta_s, dL_s/dtheta_s with its graph, or None when recomputed)
         for s in range(times + 1):
-            with record_function(f"phase: L_{s} and its gradient at theta_{s} (graph kept)"):
-                loss = self._objective(s, theta, phi, real_buffers if update_bn and s == 0 else copies, x, y)
-                grads = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
-            steps.append((theta, grads))
+            with record_function(f"phase: L_{s} and its gradient at theta_{s}" + (" (graph kept)" if keep else "")):
+                buffers = real_buffers if update_bn and s == 0 else copies
+                loss, logged = self._objective(s, theta, phi, buffers, x, y)
+                grads = torch.autograd.grad(loss, theta, create_graph=keep, allow_unused=True)
+            self.record["inner" if s < times else "outer"].append(logged)
+            steps.append((theta, grads if keep else None))
             with torch.no_grad():
                 # a parameter L_s does not reach (the classifiers in the MCL steps) still decays and keeps momentum
                 d = [wd * t if g is None else g + wd * t for t, g in zip(theta, grads)]
@@ -158,11 +162,16 @@ class MetaStep:
             outer = self._ce(theta, copies, x, y)
             alpha0 = [torch.zeros_like(t) if g is None else g
                       for t, g in zip(theta, torch.autograd.grad(outer, theta, allow_unused=True))]
+        self.record["outer"].append(outer.detach())
         alpha1 = [torch.zeros_like(a) for a in alpha0]
         hyper = [torch.zeros_like(p) for p in phi]
         coefficient = wd if self.exact else 1.0
         for s in reversed(range(times + 1)):
             theta_s, grads = steps.pop()  # the graph of step s goes with it
+            if grads is None:  # recompute: L_s and its gradient again, with the graph (the record keeps one value)
+                with record_function(f"phase: L_{s} and its gradient again at theta_{s} (graph for the second order)"):
+                    grads = torch.autograd.grad(self._objective(s, theta_s, phi, copies, x, y)[0], theta_s,
+                                                create_graph=True, allow_unused=True)
             v = [-lr * a0 + a1 for a0, a1 in zip(alpha0, alpha1)]
             # H_s v and d<g_s, v>/dphi in one vector-Jacobian product of the gradient (phi enters the MCL steps only)
             # (at s = 0 only the phi part: H_0 v would only update the adjoints after their last use)

@@ -42,6 +42,10 @@ def add_lmcl_args(p, tau, alpha, beta, meta_freq):
     p.add_argument("--fixed-meta-grad", action="store_true",
                    help="exact hypergradient (wd * alpha1 in the adjoint recursion) instead of the authors' "
                         "coefficient 1 (spec 3.7)")
+    p.add_argument("--meta-recompute", action="store_true",
+                   help="rebuild each virtual step's graph in the meta step's reverse sweep, as the authors' code "
+                        "does, instead of keeping it: same values, about one graph in memory at a time, a slower meta "
+                        "step (for GPUs short of memory)")
     return p
 
 

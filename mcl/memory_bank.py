@@ -166,8 +166,8 @@ class MemoryBankMetaStep(MetaStep):
     ends as M_1. Across processes the virtual trajectories are each process's own (local batch, as the authors'
     unwrapped inner model); the hypergradient is averaged, as DDP averages the weight network's gradient."""
 
-    def __init__(self, pair, embed_heads, weight_net, memory, args, ctx, exact=False):
-        super().__init__(pair, embed_heads, weight_net, args, exact=exact)
+    def __init__(self, pair, embed_heads, weight_net, memory, args, ctx, exact=False, recompute=False):
+        super().__init__(pair, embed_heads, weight_net, args, exact=exact, recompute=recompute)
         self.memory, self.ctx = memory, ctx
 
     def _objective(self, s, theta, phi, buffers, x, y):

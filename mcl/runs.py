@@ -97,7 +97,8 @@ class LMCLRun(Run):
         self.log_weights = [(name, key, getattr(args, w) if isinstance(w, str) else w) for name, key, w in LOSS_LOG]
 
     def make_meta_step(self):
-        return MetaStep(self.pair, self.embed_heads, self.weight_net, self.args, exact=self.args.fixed_meta_grad)
+        return MetaStep(self.pair, self.embed_heads, self.weight_net, self.args, exact=self.args.fixed_meta_grad,
+                        recompute=self.args.meta_recompute)
 
     def modules(self):
         return {"net": self.pair, "criterion_mcl": self.embed_heads, "aggregator": self.aggregator,
@@ -194,7 +195,7 @@ class MemoryBankRun(LMCLRun):
 
     def make_meta_step(self):
         return MemoryBankMetaStep(self.pair, self.embed_heads, self.weight_net, self.memory, self.args,
-                                  self.setup.ctx, exact=self.args.fixed_meta_grad)
+                                  self.setup.ctx, exact=self.args.fixed_meta_grad, recompute=self.args.meta_recompute)
 
     def modules(self):
         return {**super().modules(), "memory": self.memory}

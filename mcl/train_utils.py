@@ -54,7 +54,8 @@ def finish_parser(p):
 
 
 # options that never change what is trained (they may differ when a run is resumed)
-MAY_CHANGE = ("gpu_id", "evaluate", "evaluate_checkpoint", "checkpoint_dir")
+# options that change no value (--meta-recompute: the meta step's memory against its time) may change on resume
+MAY_CHANGE = ("gpu_id", "evaluate", "evaluate_checkpoint", "checkpoint_dir", "meta_recompute")
 
 
 def check_args(parser, args, archs, positive=()):
